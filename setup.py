@@ -1,0 +1,4 @@
+# Kept only so that old pip versions can do editable installs; all metadata lives in setup.cfg.
+from setuptools import setup
+
+setup()

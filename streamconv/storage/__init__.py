@@ -1,0 +1,1 @@
+"""Readers and writers, format by format.  Nothing here knows about any model."""
