@@ -1,0 +1,492 @@
+"""Eager reference HF -> mcore converter for DeepSeek-V3: the test oracle.
+
+Written straight from the spec ``deepseek_v3_mindspeed.md`` (sections 1-4, 10), deliberately simple
+and independent of the ``streamconv`` package: it loads every tensor into memory, slices with
+``torch.chunk`` and builds every rank's state dict in full. Tests compare the streaming converter's
+output with it byte for byte::
+
+    expected = reference_hf_to_mcore(hf_dir, tp=2, pp=2, ep=2, moe_grouped_gemm=True, mtp_num_layers=1)
+    assert_same_checkpoint(load_mcore_dir(save_dir), expected)
+
+Scope: TP / PP (even split) / EP, grouped GEMM or local experts, MTP, ``num_layers`` truncation and
+the ``first_k_dense_replace`` remap. No VPP, dualpipev, noop layers, num-layer-list, mla-mm-split,
+tp-extend-ep or ETP.
+
+Only torch, safetensors, json and os are used, on purpose.
+"""
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import load_file
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+ITER_DIR = "iter_0000001"
+RANK_FILE = "model_optim_rng.pt"
+FP8_BLOCK = 128
+SCALE_SUFFIX = "_scale_inv"
+
+__all__ = [
+    "assert_same_checkpoint",
+    "dequant_fp8_block",
+    "load_hf",
+    "load_mcore_dir",
+    "rank_dir_name",
+    "reference_hf_to_mcore",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# HF input
+
+
+def dequant_fp8_block(weight, scale_inv):
+    """Spec 1.4: ``bf16(float32(W[r, c]) * S[r // 128, c // 128])``, edge blocks partial."""
+    if weight.dim() != 2:
+        raise ValueError(f"FP8 weight must be 2-D, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    want = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(
+            f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)}"
+            f" (expected {want})"
+        )
+    full = scale_inv.float().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+    return (weight.float() * full[:rows, :cols]).to(torch.bfloat16)
+
+
+def load_hf(hf_dir):
+    """Load ``config.json`` and every tensor of every shard; FP8 weights are dequantized to bf16.
+
+    Shards are those listed in ``model.safetensors.index.json`` (or the single ``model.safetensors``
+    when there is no index). ``<name>_scale_inv`` companions are consumed and dropped.
+
+    Returns ``(config, tensors)``.
+    """
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    index_path = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        weight_map = None
+        files = ["model.safetensors"]
+
+    raw = {}
+    for file_name in files:
+        part = load_file(os.path.join(hf_dir, file_name))
+        for name, tensor in part.items():
+            if name in raw:
+                raise ValueError(f"{name}: present in more than one shard")
+            raw[name] = tensor
+    if weight_map is not None and set(weight_map) != set(raw):
+        missing = sorted(set(weight_map) - set(raw))
+        unlisted = sorted(set(raw) - set(weight_map))
+        raise ValueError(f"index and shards disagree: missing {missing}, not in index {unlisted}")
+
+    tensors = {}
+    for name, tensor in raw.items():
+        if name.endswith(SCALE_SUFFIX):
+            if name[: -len(SCALE_SUFFIX)] not in raw:
+                raise ValueError(f"{name}: scale without its weight")
+            continue
+        scale = raw.get(name + SCALE_SUFFIX)
+        tensors[name] = tensor if scale is None else dequant_fp8_block(tensor, scale)
+    return config, tensors
+
+
+class _Dims:
+    """Model sizes from config.json (spec 1.1); never constants."""
+
+    def __init__(self, config):
+        self.hidden = config["hidden_size"]
+        self.vocab = config["vocab_size"]
+        self.num_hf_layers = config["num_hidden_layers"]
+        self.first_k_dense = config["first_k_dense_replace"]
+        self.ffn = config["intermediate_size"]
+        self.moe_ffn = config["moe_intermediate_size"]
+        self.experts = config["n_routed_experts"]
+        self.shared_ffn = config["moe_intermediate_size"] * config["n_shared_experts"]
+        self.heads = config["num_attention_heads"]
+        self.q_lora = config["q_lora_rank"]
+        self.kv_lora = config["kv_lora_rank"]
+        self.nope = config["qk_nope_head_dim"]
+        self.rope = config["qk_rope_head_dim"]
+        self.v_dim = config["v_head_dim"]
+        self.num_mtp = config.get("num_nextn_predict_layers", 0)
+
+
+def _hf_shapes(d, i, is_dense, is_mtp):
+    """Expected HF shapes of layer i (spec 1.3), used to check the input against config.json."""
+    pre = f"model.layers.{i}."
+    h = d.hidden
+    shapes = {
+        pre + "input_layernorm.weight": (h,),
+        pre + "post_attention_layernorm.weight": (h,),
+        pre + "self_attn.q_a_proj.weight": (d.q_lora, h),
+        pre + "self_attn.q_a_layernorm.weight": (d.q_lora,),
+        pre + "self_attn.q_b_proj.weight": (d.heads * (d.nope + d.rope), d.q_lora),
+        pre + "self_attn.kv_a_proj_with_mqa.weight": (d.kv_lora + d.rope, h),
+        pre + "self_attn.kv_a_layernorm.weight": (d.kv_lora,),
+        pre + "self_attn.kv_b_proj.weight": (d.heads * (d.nope + d.v_dim), d.kv_lora),
+        pre + "self_attn.o_proj.weight": (h, d.heads * d.v_dim),
+    }
+    if is_dense:
+        shapes[pre + "mlp.gate_proj.weight"] = (d.ffn, h)
+        shapes[pre + "mlp.up_proj.weight"] = (d.ffn, h)
+        shapes[pre + "mlp.down_proj.weight"] = (h, d.ffn)
+    else:
+        shapes[pre + "mlp.gate.weight"] = (d.experts, h)
+        shapes[pre + "mlp.gate.e_score_correction_bias"] = (d.experts,)
+        shapes[pre + "mlp.shared_experts.gate_proj.weight"] = (d.shared_ffn, h)
+        shapes[pre + "mlp.shared_experts.up_proj.weight"] = (d.shared_ffn, h)
+        shapes[pre + "mlp.shared_experts.down_proj.weight"] = (h, d.shared_ffn)
+        for j in range(d.experts):
+            shapes[pre + f"mlp.experts.{j}.gate_proj.weight"] = (d.moe_ffn, h)
+            shapes[pre + f"mlp.experts.{j}.up_proj.weight"] = (d.moe_ffn, h)
+            shapes[pre + f"mlp.experts.{j}.down_proj.weight"] = (h, d.moe_ffn)
+    if is_mtp:
+        shapes[pre + "embed_tokens.weight"] = (d.vocab, h)
+        shapes[pre + "enorm.weight"] = (h,)
+        shapes[pre + "hnorm.weight"] = (h,)
+        shapes[pre + "eh_proj.weight"] = (h, 2 * h)
+        shapes[pre + "shared_head.norm.weight"] = (h,)
+    return shapes
+
+
+def _check_hf_shapes(hf, expected):
+    problems = []
+    for name, shape in expected.items():
+        if name not in hf:
+            problems.append(f"{name}: missing")
+        elif tuple(hf[name].shape) != shape:
+            problems.append(f"{name}: shape (expected {shape}, got {tuple(hf[name].shape)})")
+    if problems:
+        raise ValueError("HF checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout
+
+
+def rank_dir_name(tp_rank, pp_rank, ep_rank, pp_size, ep_size):
+    """Spec 2.1 (Megatron ``get_checkpoint_name``)."""
+    name = f"mp_rank_{tp_rank:02d}"
+    if pp_size > 1:
+        name += f"_{pp_rank:03d}"
+    if ep_size > 1:
+        name += f"_{ep_rank:03d}"
+    return name
+
+
+def _hf_layer_list(num_layers, config_k, k):
+    """Spec 4.2: [0..K'-1] + [K, K+1, ...], truncated to num_layers (identity when K' == K)."""
+    return (list(range(k)) + list(range(config_k, config_k + num_layers)))[:num_layers]
+
+
+def _validate(d, tp, pp, ep, mtp_num_layers, num_layers, k):
+    problems = []
+    for flag, value in (("tp", tp), ("pp", pp), ("ep", ep)):
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{flag} must be a positive int, got {value!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if not 1 <= num_layers <= d.num_hf_layers:
+        problems.append(f"num_layers must be in 1..{d.num_hf_layers}, got {num_layers}")
+    if not 0 <= k <= d.first_k_dense:
+        problems.append(f"first_k_dense_replace must be in 0..{d.first_k_dense} (config), got {k}")
+    elif k + (d.num_hf_layers - d.first_k_dense) < num_layers:
+        problems.append(f"first_k_dense_replace {k} leaves fewer than num_layers={num_layers} HF layers")
+    if not 0 <= mtp_num_layers <= d.num_mtp:
+        problems.append(
+            f"mtp_num_layers must be in 0..{d.num_mtp} (num_nextn_predict_layers), got {mtp_num_layers}"
+        )
+    if num_layers % pp:
+        problems.append(f"num_layers {num_layers} not divisible by pp {pp}")
+    if d.experts % ep:
+        problems.append(f"n_routed_experts {d.experts} not divisible by ep {ep}")
+    by_tp = {
+        "num_attention_heads": d.heads,
+        "vocab_size": d.vocab,
+        "intermediate_size": d.ffn,
+        "moe_intermediate_size": d.moe_ffn,
+        "shared experts ffn (moe_intermediate_size * n_shared_experts)": d.shared_ffn,
+    }
+    if mtp_num_layers:
+        by_tp["hidden_size (eh_proj rows)"] = d.hidden
+    for what, size in by_tp.items():
+        if size % tp:
+            problems.append(f"{what} {size} not divisible by tp {tp}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-rank tensors (spec 3)
+
+
+def _own(x):
+    return x.clone().contiguous()
+
+
+def _chunk(x, n, dim, k):
+    return torch.chunk(x, n, dim)[k]
+
+
+def _gated_fc1(gate, up, tp, t):
+    """Spec 3.5: rank t holds its gate slice then its up slice."""
+    return torch.cat([_chunk(gate, tp, 0, t), _chunk(up, tp, 0, t)], 0)
+
+
+def _attention(hf, src, dst, tp, t):
+    a = src + "self_attn."
+    s = dst + "self_attention."
+    qkv = torch.cat([hf[a + "q_a_proj.weight"], hf[a + "kv_a_proj_with_mqa.weight"]], 0)
+    return [
+        (s + "linear_qkv.weight", qkv),
+        (s + "q_layernorm.weight", hf[a + "q_a_layernorm.weight"]),
+        (s + "kv_layernorm.weight", hf[a + "kv_a_layernorm.weight"]),
+        (s + "linear_q_up_proj.weight", _chunk(hf[a + "q_b_proj.weight"], tp, 0, t)),
+        (s + "linear_kv_up_proj.weight", _chunk(hf[a + "kv_b_proj.weight"], tp, 0, t)),
+        (s + "linear_proj.weight", _chunk(hf[a + "o_proj.weight"], tp, 1, t)),
+    ]
+
+
+def _dense_mlp(hf, src, dst, tp, t):
+    m = src + "mlp."
+    return [
+        (dst + "mlp.linear_fc1.weight", _gated_fc1(hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"], tp, t)),
+        (dst + "mlp.linear_fc2.weight", _chunk(hf[m + "down_proj.weight"], tp, 1, t)),
+    ]
+
+
+def _moe_mlp(hf, d, src, dst, tp, t, ep, e, grouped_gemm):
+    m = src + "mlp."
+    out = [
+        (dst + "mlp.router.weight", hf[m + "gate.weight"][: d.experts]),
+        (dst + "mlp.router.expert_bias", hf[m + "gate.e_score_correction_bias"][: d.experts]),
+        (
+            dst + "mlp.shared_experts.linear_fc1.weight",
+            _gated_fc1(hf[m + "shared_experts.gate_proj.weight"], hf[m + "shared_experts.up_proj.weight"], tp, t),
+        ),
+        (dst + "mlp.shared_experts.linear_fc2.weight", _chunk(hf[m + "shared_experts.down_proj.weight"], tp, 1, t)),
+    ]
+    n_local = d.experts // ep
+    fc1s, fc2s = [], []
+    for q in range(n_local):
+        j = e * n_local + q
+        x = f"{m}experts.{j}."
+        fc1s.append(_gated_fc1(hf[x + "gate_proj.weight"], hf[x + "up_proj.weight"], tp, t))
+        fc2s.append(_chunk(hf[x + "down_proj.weight"], tp, 1, t))
+    if grouped_gemm:
+        # Spec 3.6(b): [n, H, 2Fm/TP] memory reinterpreted as [H, n*2Fm/TP]; NOT cat_1 of the transposes.
+        stacked = torch.stack([w.t() for w in fc1s], 0).contiguous()
+        out.append((dst + "mlp.experts.weight1", stacked.view(d.hidden, -1)))
+        out.append((dst + "mlp.experts.weight2", torch.cat([w.t() for w in fc2s], 0)))
+    else:
+        for q in range(n_local):
+            out.append((f"{dst}mlp.experts.local_experts.{q}.linear_fc1.weight", fc1s[q]))
+            out.append((f"{dst}mlp.experts.local_experts.{q}.linear_fc2.weight", fc2s[q]))
+    return out
+
+
+def _layer(hf, d, hf_index, dst, is_dense, tp, t, ep, e, grouped_gemm):
+    src = f"model.layers.{hf_index}."
+    out = [(dst + "input_layernorm.weight", hf[src + "input_layernorm.weight"])]
+    out += _attention(hf, src, dst, tp, t)
+    out.append((dst + "pre_mlp_layernorm.weight", hf[src + "post_attention_layernorm.weight"]))
+    if is_dense:
+        out += _dense_mlp(hf, src, dst, tp, t)
+    else:
+        out += _moe_mlp(hf, d, src, dst, tp, t, ep, e, grouped_gemm)
+    return out
+
+
+def _rank_state_dict(hf, d, *, tp, t, pp, p, ep, e, grouped_gemm, mtp_num_layers, hf_layers, k):
+    items = []
+    last = p == pp - 1
+    if p == 0:
+        items.append(("embedding.word_embeddings.weight", _chunk(hf["model.embed_tokens.weight"], tp, 0, t)))
+    elif last and mtp_num_layers:
+        # Spec 3.7: the MTP stage gets its own embedding copy, from the HF MTP layer (module 0).
+        mtp_embed = hf[f"model.layers.{d.num_hf_layers}.embed_tokens.weight"]
+        items.append(("embedding.word_embeddings.weight", _chunk(mtp_embed, tp, 0, t)))
+    per_stage = len(hf_layers) // pp
+    for local in range(per_stage):
+        hf_index = hf_layers[p * per_stage + local]
+        items += _layer(hf, d, hf_index, f"decoder.layers.{local}.", hf_index < k, tp, t, ep, e, grouped_gemm)
+    if last:
+        norm_key = "final_layernorm.weight" if mtp_num_layers else "decoder.final_layernorm.weight"
+        items.append((norm_key, hf["model.norm.weight"]))
+        items.append(("output_layer.weight", _chunk(hf["lm_head.weight"], tp, 0, t)))
+        for m in range(mtp_num_layers):
+            hf_index = d.num_hf_layers + m
+            src = f"model.layers.{hf_index}."
+            dst = f"mtp.layers.{m}."
+            items.append((dst + "enorm.weight", hf[src + "enorm.weight"]))
+            items.append((dst + "hnorm.weight", hf[src + "hnorm.weight"]))
+            items.append((dst + "eh_proj.weight", _chunk(hf[src + "eh_proj.weight"], tp, 0, t)))
+            items += _layer(hf, d, hf_index, dst + "transformer_layer.", False, tp, t, ep, e, grouped_gemm)
+            items.append((f"mtp.final_layernorms.{m}.weight", hf[src + "shared_head.norm.weight"]))
+    state = OrderedDict()
+    for key, tensor in items:
+        if key in state:
+            raise AssertionError(f"reference bug: duplicate key {key}")
+        state[key] = _own(tensor)
+    return state
+
+
+def reference_hf_to_mcore(
+    hf_dir,
+    *,
+    tp=1,
+    pp=1,
+    ep=1,
+    moe_grouped_gemm=False,
+    mtp_num_layers=0,
+    num_layers=None,
+    first_k_dense_replace=None,
+):
+    """Every file of the mcore checkpoint, keyed by path relative to the save dir.
+
+    ``"latest_checkpointed_iteration.txt"`` maps to ``b"1"``; each
+    ``"iter_0000001/<rank dir>/model_optim_rng.pt"`` maps to
+    ``{"model": OrderedDict, "checkpoint_version": 3.0, "iteration": 1}``.
+    Raises ValueError for sizes that do not divide and out-of-range options.
+    """
+    config, hf = load_hf(hf_dir)
+    d = _Dims(config)
+    num_layers = d.num_hf_layers if num_layers is None else num_layers
+    k = d.first_k_dense if first_k_dense_replace is None else first_k_dense_replace
+    _validate(d, tp, pp, ep, mtp_num_layers, num_layers, k)
+    hf_layers = _hf_layer_list(num_layers, d.first_k_dense, k)
+
+    expected = {}
+    for i in hf_layers:
+        expected.update(_hf_shapes(d, i, i < d.first_k_dense, False))
+    for m in range(mtp_num_layers):
+        expected.update(_hf_shapes(d, d.num_hf_layers + m, False, True))
+    expected["model.embed_tokens.weight"] = (d.vocab, d.hidden)
+    expected["model.norm.weight"] = (d.hidden,)
+    expected["lm_head.weight"] = (d.vocab, d.hidden)
+    _check_hf_shapes(hf, expected)
+
+    files = {TRACKER_FILE: b"1"}
+    for p in range(pp):
+        for t in range(tp):
+            for e in range(ep):
+                state = _rank_state_dict(
+                    hf, d, tp=tp, t=t, pp=pp, p=p, ep=ep, e=e, grouped_gemm=moe_grouped_gemm,
+                    mtp_num_layers=mtp_num_layers, hf_layers=hf_layers, k=k,
+                )
+                path = f"{ITER_DIR}/{rank_dir_name(t, p, e, pp, ep)}/{RANK_FILE}"
+                files[path] = {"model": state, "checkpoint_version": 3.0, "iteration": 1}
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a written checkpoint and comparing
+
+
+def load_mcore_dir(save_dir):
+    """Every file under ``save_dir`` keyed by relative path: ``.pt`` files loaded with
+    ``torch.load(weights_only=True)``, anything else as raw bytes (so stray files show up)."""
+    files = {}
+    for root, _dirs, names in os.walk(save_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, save_dir).replace(os.sep, "/")
+            if name.endswith(".pt"):
+                files[rel] = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                with open(path, "rb") as f:
+                    files[rel] = f.read()
+    return files
+
+
+def _as_bytes(tensor):
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _scalar(tensor, flat):
+    value = tensor.detach().cpu().reshape(-1)[flat]
+    try:
+        return value.item()
+    except (RuntimeError, TypeError):
+        return value.float().item()
+
+
+def _unravel(flat, shape):
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat //= size
+    return tuple(reversed(index))
+
+
+def _assert_same_tensor(actual, expected, where):
+    if not isinstance(actual, torch.Tensor):
+        raise AssertionError(f"{where}: expected a tensor, got {type(actual).__name__}")
+    if actual.dtype != expected.dtype:
+        raise AssertionError(f"{where}: dtype {actual.dtype} != expected {expected.dtype}")
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise AssertionError(f"{where}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a, e = _as_bytes(actual), _as_bytes(expected)
+    if torch.equal(a, e):
+        return
+    byte = int((a != e).nonzero()[0])
+    flat = byte // expected.element_size()
+    raise AssertionError(
+        f"{where}: first differing element at index {_unravel(flat, tuple(expected.shape))} (flat {flat}):"
+        f" actual {_scalar(actual, flat)!r} vs expected {_scalar(expected, flat)!r}"
+    )
+
+
+def _assert_same_value(actual, expected, where, check_order):
+    if isinstance(expected, torch.Tensor):
+        _assert_same_tensor(actual, expected, where)
+    elif isinstance(expected, Mapping):
+        if not isinstance(actual, Mapping):
+            raise AssertionError(f"{where}: expected a mapping, got {type(actual).__name__}")
+        missing = [key for key in expected if key not in actual]
+        extra = [key for key in actual if key not in expected]
+        if missing or extra:
+            raise AssertionError(f"{where}: keys differ; missing {missing}, unexpected {extra}")
+        if check_order and list(actual) != list(expected):
+            first = next(i for i, (x, y) in enumerate(zip(actual, expected)) if x != y)
+            raise AssertionError(
+                f"{where}: key order differs at position {first}:"
+                f" actual {list(actual)[first]!r} vs expected {list(expected)[first]!r}"
+            )
+        for key in expected:
+            _assert_same_value(actual[key], expected[key], f"{where}[{key!r}]", check_order)
+    elif isinstance(expected, bytes):
+        if not isinstance(actual, bytes) or actual != expected:
+            raise AssertionError(f"{where}: content {actual!r} != expected {expected!r}")
+    else:
+        if type(actual) is not type(expected) or actual != expected:
+            raise AssertionError(
+                f"{where}: value {actual!r} ({type(actual).__name__}) != expected"
+                f" {expected!r} ({type(expected).__name__})"
+            )
+
+
+def assert_same_checkpoint(actual, expected, *, check_order=False):
+    """Assert two ``{path: content}`` checkpoints are identical.
+
+    Compares the file sets, raw bytes of non-``.pt`` files, top-level keys and values (type included:
+    ``3.0`` is not ``3``), state-dict key sets and every tensor's dtype, shape and raw bytes (so NaN
+    payloads and -0.0 count). Key order is compared only with ``check_order=True``. The
+    AssertionError names the file, the key and the first differing index.
+    """
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    if missing or extra:
+        raise AssertionError(f"checkpoint files differ; missing {missing}, unexpected {extra}")
+    for path in sorted(expected):
+        _assert_same_value(actual[path], expected[path], path, check_order)
