@@ -1,0 +1,1 @@
+"""Running graphs: CPU kernels per op, in-process materialisation, and the Dask plan executor."""

@@ -1,0 +1,301 @@
+"""Run a saved plan on Dask, out of core.
+
+The plan's output tensors are cut into *pieces* (bands of rows no bigger than ``band_bytes``; the band is
+pushed down the graph by :func:`streamconv.graph.narrow`, so a band reads only its rows).  The Dask graph is
+raw (a dict of tasks, as dask's spec describes), keyed by content:
+
+    ("node", key)        one graph node (read, slice, cat, dequant...); shared sub-graphs run once
+    ("create", f)        make output file f under its temporary name, at its final size
+    ("write", f, i, b)   materialise piece b of tensor i of file f and pwrite it at its fixed offset
+    ("wave", w)          barrier: every write of wave w is done
+    ("finish", f)        headers, fsync, rename file f into place
+    ("text", f)          small text files (the tracker), written after every tensor file
+    "done"
+
+Memory is bounded in the graph itself, so it holds on any scheduler: pieces are grouped, in the plan's write
+order, into waves of at most ~``max_memory / 3`` bytes, and every read first needed by wave w also depends
+on barrier w-2.  At most two waves (plus one piece per worker) are in flight.  Writers accept pieces in
+any order, so no task ever gathers a whole file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import dask
+from dask.callbacks import Callback
+
+from ..errors import ExecutionError, PlanError, ValidationError
+from ..graph.node import Node, Op, toposort
+from ..graph.rewrite import narrow
+from ..plan.plan import OutputFile, Plan
+from ..plan.sources import header_digest
+from ..storage import fileio
+from . import writers
+from .kernels import run_node
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    max_memory: int = 1 * GiB          # bytes in flight (pieces and the reads feeding them)
+    band_bytes: int = 64 * MiB         # largest piece written at once
+    num_workers: int = 2               # threads of the local scheduler
+    scheduler: str = "threads"         # "threads", "sync", or a dask.distributed address
+    overwrite: bool = False
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class Piece:
+    file: int
+    index: int          # tensor index within the file
+    band: int
+    offset: int         # bytes within the tensor
+    node: Node
+    seq: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    files: int
+    bytes_written: int
+    seconds: float
+
+
+# --- preflight -------------------------------------------------------------------------------------------------
+
+def preflight(plan: Plan, opts: RunOptions) -> None:
+    """Every check that can fail before a byte is written: sources unchanged, target usable, space enough."""
+    problems = []
+    for s in plan.source_files:
+        path = os.path.join(plan.source_root, s.name)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            problems.append(f"{path}: source file named by the plan is missing. Restore it or re-plan.")
+            continue
+        if size != s.size or header_digest(path) != s.header_sha256:
+            problems.append(f"{path}: changed since the plan was made (size {size}, planned {s.size}, or "
+                            f"header differs). Re-create the plan.")
+    root = plan.target_root
+    if os.path.exists(root) and not os.path.isdir(root):
+        problems.append(f"{root}: target exists and is not a directory.")
+    elif os.path.isdir(root) and os.listdir(root) and not opts.overwrite:
+        problems.append(f"{root}: output directory is not empty. Choose an empty --save-dir or pass --overwrite.")
+    probe = root
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "."
+    free = shutil.disk_usage(probe).free
+    need = plan.nbytes
+    if need > free:
+        problems.append(f"{root}: the plan writes {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free. "
+                        f"Free space or choose another --save-dir.")
+    if opts.max_memory < 4 * MiB or opts.band_bytes < 1 or opts.num_workers < 1:
+        problems.append("--max-memory must be at least 4 MiB; band size and workers must be positive.")
+    if problems:
+        raise ValidationError(problems)
+
+
+# --- pieces and waves ---------------------------------------------------------------------------------------------
+
+def plan_pieces(plan: Plan, band_bytes: int) -> list[Piece]:
+    """Cut every output tensor into row bands of at most ``band_bytes``, in the plan's write order."""
+    pieces = []
+    for fi, f in enumerate(plan.files):
+        for ti, t in enumerate(f.tensors):
+            node = t.node
+            rows = node.shape[0] if node.shape else 1
+            row_bytes = node.nbytes // rows if rows else 0
+            if not node.shape or rows <= 1 or node.nbytes <= band_bytes:
+                pieces.append(Piece(fi, ti, 0, 0, node, t.seq))
+                continue
+            step = max(1, band_bytes // max(row_bytes, 1))
+            for b, r0 in enumerate(range(0, rows, step)):
+                r1 = min(rows, r0 + step)
+                pieces.append(Piece(fi, ti, b, r0 * row_bytes, narrow(node, 0, r0, r1), t.seq))
+    pieces.sort(key=lambda p: (p.seq, p.band))
+    return pieces
+
+
+def assign_waves(pieces: list[Piece], wave_bytes: int) -> tuple[list[int], dict[str, int]]:
+    """Wave number of each piece, and the wave in which each read node is first needed.
+
+    A piece costs its own bytes plus every materialised node it is the first to need."""
+    waves = []
+    first_read_wave: dict[str, int] = {}
+    seen: set[str] = set()
+    wave, used = 0, 0
+    for p in pieces:
+        new = [n for n in toposort([p.node]) if n.key not in seen]
+        cost = p.node.nbytes + sum(n.nbytes for n in new if n.op not in (Op.SLICE, Op.TRANSPOSE))
+        if used and used + cost > wave_bytes:
+            wave, used = wave + 1, 0
+        used += cost
+        waves.append(wave)
+        for n in new:
+            seen.add(n.key)
+            if n.op is Op.READ:
+                first_read_wave[n.key] = wave
+    return waves, first_read_wave
+
+
+# --- task functions (module level: picklable for dask.distributed) -------------------------------------------------
+
+def _read_after(root: str, arg, _barrier) -> object:
+    return run_node(root, Op.READ, arg)
+
+
+def _write(fmt: str, path: str, layout, index: int, offset: int, value, _created):
+    return writers.WRITE_PIECE[fmt](path, layout, index, value, offset)
+
+
+def _barrier(_done) -> None:
+    return None
+
+
+def _finish(fmt: str, path: str, layout, pieces) -> str:
+    writers.FINISH[fmt](path, layout, pieces)
+    return path
+
+
+def _text(path: str, text: str, _finished) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fileio.atomic_write_bytes(path, text.encode())
+    return path
+
+
+def _create(fmt: str, path: str, layout) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    writers.CREATE[fmt](path, layout)
+
+
+# --- the graph ------------------------------------------------------------------------------------------------------
+
+def build_graph(plan: Plan, opts: RunOptions) -> tuple[dict, dict[tuple, int]]:
+    """The raw Dask graph of a plan, and the byte count of each write task (for progress)."""
+    dsk: dict = {}
+    pieces = plan_pieces(plan, min(opts.band_bytes, max(opts.max_memory // 8, 1)))
+    waves, first_read_wave = assign_waves(pieces, max(opts.max_memory // 3, 1))
+    layouts = {}
+    for fi, f in enumerate(plan.files):
+        if f.format == "text":
+            continue
+        if f.format not in writers.LAYOUTS:
+            raise PlanError(f"{f.path}: output format {f.format!r} is not supported by this executor.")
+        layouts[fi] = writers.LAYOUTS[f.format](f)
+        dsk[("create", fi)] = (_create, f.format, _target(plan, f), layouts[fi])
+
+    root = plan.source_root
+    write_bytes: dict[tuple, int] = {}
+    by_file: dict[int, list] = {fi: [] for fi in layouts}
+    by_wave: dict[int, list] = {}
+    for p, w in zip(pieces, waves):
+        for n in toposort([p.node]):
+            key = ("node", n.key)
+            if key in dsk:
+                continue
+            if n.op is Op.READ:
+                rw = first_read_wave[n.key]
+                if rw >= 2:
+                    dsk[key] = (_read_after, root, n.arg, ("wave", rw - 2))
+                else:
+                    dsk[key] = (run_node, root, n.op, n.arg)
+            else:
+                dsk[key] = (run_node, root, n.op, n.arg) + tuple(("node", s.key) for s in n.src)
+        f = plan.files[p.file]
+        wkey = ("write", p.file, p.index, p.band)
+        dsk[wkey] = (_write, f.format, _target(plan, f), layouts[p.file], p.index, p.offset,
+                     ("node", p.node.key), ("create", p.file))
+        write_bytes[wkey] = p.node.nbytes
+        by_file[p.file].append(wkey)
+        by_wave.setdefault(w, []).append(wkey)
+    for w, keys in by_wave.items():
+        dsk[("wave", w)] = (_barrier, keys)
+    finish_keys = []
+    for fi, keys in by_file.items():
+        f = plan.files[fi]
+        dsk[("finish", fi)] = (_finish, f.format, _target(plan, f), layouts[fi], keys)
+        finish_keys.append(("finish", fi))
+    text_keys = []
+    for fi, f in enumerate(plan.files):
+        if f.format == "text":
+            dsk[("text", fi)] = (_text, _target(plan, f), f.text or "", finish_keys)
+            text_keys.append(("text", fi))
+    dsk["done"] = (_barrier, text_keys + finish_keys)
+    return dsk, write_bytes
+
+
+def _target(plan: Plan, f: OutputFile) -> str:
+    return os.path.join(plan.target_root, *f.path.split("/"))
+
+
+class _ProgressCallback(Callback):
+    def __init__(self, progress: Progress, write_bytes: dict):
+        super().__init__()
+        self.progress = progress
+        self.write_bytes = write_bytes
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        n = self.write_bytes.get(key)
+        if n:
+            self.progress.add(n)
+
+
+def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
+    """Execute ``plan``: preflight, then every piece on the chosen scheduler; temp files removed on failure."""
+    preflight(plan, opts)
+    dsk, write_bytes = build_graph(plan, opts)
+    os.makedirs(plan.target_root, exist_ok=True)
+    progress = Progress(sum(write_bytes.values()), enabled=opts.progress)
+    start = time.monotonic()
+    try:
+        if opts.scheduler in ("threads", "sync"):
+            get = dask.get if opts.scheduler == "sync" else dask.threaded.get
+            kwargs = {} if opts.scheduler == "sync" else {"num_workers": opts.num_workers}
+            with _ProgressCallback(progress, write_bytes):
+                get(dsk, "done", **kwargs)
+        else:
+            _run_distributed(dsk, opts.scheduler, progress, write_bytes)
+    except BaseException:
+        _cleanup(plan)
+        raise
+    finally:
+        progress.close()
+    seconds = time.monotonic() - start
+    total = plan.nbytes
+    log.info("wrote %d files, %.2f GB in %.1f s (%.2f GB/s)", len(plan.files), total / 1e9, seconds,
+             total / 1e9 / max(seconds, 1e-9))
+    return RunResult(len(plan.files), total, seconds)
+
+
+def _run_distributed(dsk: dict, address: str, progress: Progress, write_bytes: dict) -> None:
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise ExecutionError("--scheduler ADDRESS needs dask.distributed: pip install 'streamconv[distributed]'.") from None
+    with Client(address) as client:
+        futures = client.get(dsk, list(write_bytes) + ["done"], sync=False)
+        for fut in as_completed(futures[:-1]):
+            fut.result()  # re-raises a task's error here
+            progress.add(write_bytes.get(fut.key, 0))
+        futures[-1].result()
+
+
+def _cleanup(plan: Plan) -> None:
+    """After a failure, remove temporary files; complete files stay (they are whole and correct)."""
+    for f in plan.files:
+        if f.format in writers.ABORT:
+            try:
+                writers.ABORT[f.format](_target(plan, f))
+            except OSError:
+                pass

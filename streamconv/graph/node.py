@@ -1,0 +1,357 @@
+"""Graph nodes: the closed op set, per-op argument types and the shape/dtype rules.
+
+Each op has one frozen argument dataclass and one rule in :data:`RULES`, which checks the sources and
+returns the output ``(dtype, shape)``.  Adding an op means adding an :class:`Op` member, its argument type,
+its rule, its kernel (``streamconv.execute.kernels``) and its tests, in one change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
+from typing import Callable
+
+from .. import types
+from ..errors import GraphError
+
+Shape = tuple[int, ...]
+
+
+class Op(str, Enum):
+    READ = "read"                    # bytes of a tensor (or a band of its rows) at a byte offset of a source file
+    SLICE = "slice"                  # a hypercube: offsets/lengths per dim
+    CAT = "cat"                      # concatenation along one dim
+    VIEW = "view"                    # reinterpret the row-major element order as another shape
+    TRANSPOSE = "transpose"          # swap two dims
+    CAST = "cast"                    # dtype conversion (round-to-nearest-even as torch does)
+    DEQUANT_FP8_BLOCK = "dequant_fp8_block"  # DeepSeek FP8: float32(w) * scale_inv[block] -> dtype
+
+
+# --- argument types -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReadArg:
+    """Bytes of tensor ``tensor`` stored row-major at absolute byte ``offset`` of source ``file``.
+
+    ``shape`` is the stored tensor's full shape; ``rows`` (exclusive end) selects a band of dim 0, so a
+    band is one contiguous positional read.  ``tensor`` is informational (errors, coverage, inspect).
+    """
+
+    file: str
+    tensor: str
+    dtype: str
+    shape: Shape
+    offset: int
+    rows: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class SliceArg:
+    offsets: Shape
+    lengths: Shape
+
+
+@dataclass(frozen=True)
+class CatArg:
+    dim: int
+
+
+@dataclass(frozen=True)
+class ViewArg:
+    shape: Shape
+
+
+@dataclass(frozen=True)
+class TransposeArg:
+    dim0: int
+    dim1: int
+
+
+@dataclass(frozen=True)
+class CastArg:
+    dtype: str
+
+
+@dataclass(frozen=True)
+class DequantArg:
+    """Block dequantization: ``out[r, c] = dtype(float32(w[r, c]) * s[(r + r0) // br, (c + c0) // bc])``.
+
+    ``block`` = (br, bc).  ``origin`` = (r0, c0) places the data's element [0, 0] inside the first scale
+    block, so a slice of a weight that cuts through a block still pairs every element with its own scale.
+    """
+
+    block: tuple[int, int]
+    origin: tuple[int, int]
+    dtype: str
+
+
+ARG_TYPES: dict[Op, type] = {
+    Op.READ: ReadArg,
+    Op.SLICE: SliceArg,
+    Op.CAT: CatArg,
+    Op.VIEW: ViewArg,
+    Op.TRANSPOSE: TransposeArg,
+    Op.CAST: CastArg,
+    Op.DEQUANT_FP8_BLOCK: DequantArg,
+}
+
+
+# --- the node -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """One operation of the lazy graph.  Build nodes with the constructor functions below, which check them."""
+
+    op: Op
+    src: tuple["Node", ...]
+    arg: object
+    dtype: str
+    shape: Shape
+
+    @cached_property
+    def key(self) -> str:
+        """Content hash of op, argument and sources: equal graphs have equal keys."""
+        payload = json.dumps([self.op.value, arg_to_json(self.arg), [s.key for s in self.src]],
+                             separators=(",", ":"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+    @property
+    def nbytes(self) -> int:
+        return types.nbytes(self.dtype, self.shape)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Node) and (self is other or self.key == other.key)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __repr__(self) -> str:
+        return f"Node({self.op.value}, {self.dtype}{list(self.shape)}, key={self.key[:8]})"
+
+
+def arg_to_json(arg: object) -> dict:
+    return {f.name: _jsonable(getattr(arg, f.name)) for f in dataclasses.fields(arg)}
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def arg_from_json(op: Op, obj: dict) -> object:
+    cls = ARG_TYPES[op]
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(obj) != names:
+        raise GraphError(f"{op.value}: argument fields {sorted(obj)} (expected {sorted(names)})")
+    return cls(**{k: _tupled(v) for k, v in obj.items()})
+
+
+def _tupled(v):
+    if isinstance(v, list):
+        return tuple(_tupled(x) for x in v)
+    return v
+
+
+# --- shape and dtype rules (one per op) ---------------------------------------------------------------------------
+
+def _fail(op: Op, msg: str, src: tuple[Node, ...], arg: object) -> GraphError:
+    shapes = ", ".join(f"{s.dtype}{list(s.shape)}" for s in src)
+    return GraphError(f"{op.value}: {msg} (sources: [{shapes}], arg: {arg})")
+
+
+def _rule_read(src, a: ReadArg):
+    if src:
+        raise _fail(Op.READ, "takes no sources", src, a)
+    if a.dtype not in types.DTYPES:
+        raise _fail(Op.READ, f"unknown dtype {a.dtype!r}", src, a)
+    if not a.shape:
+        if a.rows != (0, 1):
+            raise _fail(Op.READ, "a 0-d tensor is read whole: rows must be (0, 1)", src, a)
+        return a.dtype, ()
+    r0, r1 = a.rows
+    if not 0 <= r0 <= r1 <= a.shape[0]:
+        raise _fail(Op.READ, f"rows {a.rows} outside [0, {a.shape[0]}]", src, a)
+    return a.dtype, (r1 - r0,) + tuple(a.shape[1:])
+
+
+def _rule_slice(src, a: SliceArg):
+    (x,) = _arity(Op.SLICE, src, 1, a)
+    if len(a.offsets) != len(x.shape) or len(a.lengths) != len(x.shape):
+        raise _fail(Op.SLICE, "offsets/lengths must give one entry per dim", src, a)
+    for o, n, size in zip(a.offsets, a.lengths, x.shape):
+        if o < 0 or n < 0 or o + n > size:
+            raise _fail(Op.SLICE, f"range [{o}, {o + n}) outside [0, {size}]", src, a)
+    return x.dtype, tuple(a.lengths)
+
+
+def _rule_cat(src, a: CatArg):
+    if not src:
+        raise _fail(Op.CAT, "needs at least one source", src, a)
+    first = src[0]
+    if not 0 <= a.dim < len(first.shape):
+        raise _fail(Op.CAT, f"dim {a.dim} out of range", src, a)
+    for s in src[1:]:
+        if s.dtype != first.dtype:
+            raise _fail(Op.CAT, "sources differ in dtype", src, a)
+        if len(s.shape) != len(first.shape) or any(
+                d != a.dim and p != q for d, (p, q) in enumerate(zip(s.shape, first.shape))):
+            raise _fail(Op.CAT, f"shapes differ outside dim {a.dim}", src, a)
+    shape = list(first.shape)
+    shape[a.dim] = sum(s.shape[a.dim] for s in src)
+    return first.dtype, tuple(shape)
+
+
+def _rule_view(src, a: ViewArg):
+    (x,) = _arity(Op.VIEW, src, 1, a)
+    if any(d < 0 for d in a.shape) or math.prod(a.shape) != math.prod(x.shape):
+        raise _fail(Op.VIEW, f"cannot view {math.prod(x.shape)} elements as {list(a.shape)}", src, a)
+    return x.dtype, tuple(a.shape)
+
+
+def _rule_transpose(src, a: TransposeArg):
+    (x,) = _arity(Op.TRANSPOSE, src, 1, a)
+    n = len(x.shape)
+    if not (0 <= a.dim0 < n and 0 <= a.dim1 < n):
+        raise _fail(Op.TRANSPOSE, "dims out of range", src, a)
+    shape = list(x.shape)
+    shape[a.dim0], shape[a.dim1] = shape[a.dim1], shape[a.dim0]
+    return x.dtype, tuple(shape)
+
+
+def _rule_cast(src, a: CastArg):
+    (x,) = _arity(Op.CAST, src, 1, a)
+    if a.dtype not in types.DTYPES:
+        raise _fail(Op.CAST, f"unknown dtype {a.dtype!r}", src, a)
+    return a.dtype, x.shape
+
+
+def _rule_dequant(src, a: DequantArg):
+    w, s = _arity(Op.DEQUANT_FP8_BLOCK, src, 2, a)
+    if w.dtype not in ("float8_e4m3fn", "float8_e5m2") or len(w.shape) != 2:
+        raise _fail(Op.DEQUANT_FP8_BLOCK, "data must be a 2-D float8 tensor", src, a)
+    if s.dtype != "float32" or len(s.shape) != 2:
+        raise _fail(Op.DEQUANT_FP8_BLOCK, "scales must be a 2-D float32 tensor", src, a)
+    (br, bc), (r0, c0) = a.block, a.origin
+    if br <= 0 or bc <= 0 or not (0 <= r0 < br and 0 <= c0 < bc):
+        raise _fail(Op.DEQUANT_FP8_BLOCK, "origin must lie inside the first block", src, a)
+    want = (-(-(r0 + w.shape[0]) // br), -(-(c0 + w.shape[1]) // bc))
+    if tuple(s.shape) != want:
+        raise _fail(Op.DEQUANT_FP8_BLOCK, f"scales must be {list(want)} for this data and origin", src, a)
+    if a.dtype not in types.DTYPES:
+        raise _fail(Op.DEQUANT_FP8_BLOCK, f"unknown dtype {a.dtype!r}", src, a)
+    return a.dtype, w.shape
+
+
+def _arity(op, src, n, arg):
+    if len(src) != n:
+        raise _fail(op, f"takes {n} source(s), got {len(src)}", src, arg)
+    return src
+
+
+RULES: dict[Op, Callable] = {
+    Op.READ: _rule_read,
+    Op.SLICE: _rule_slice,
+    Op.CAT: _rule_cat,
+    Op.VIEW: _rule_view,
+    Op.TRANSPOSE: _rule_transpose,
+    Op.CAST: _rule_cast,
+    Op.DEQUANT_FP8_BLOCK: _rule_dequant,
+}
+
+
+def make(op: Op, src: tuple[Node, ...], arg: object) -> Node:
+    """Build a checked node (the one entry point; the functions below are sugar)."""
+    if not isinstance(arg, ARG_TYPES[op]):
+        raise GraphError(f"{op.value}: argument must be {ARG_TYPES[op].__name__}, got {type(arg).__name__}")
+    dtype, shape = RULES[op](tuple(src), arg)
+    return Node(op, tuple(src), arg, dtype, tuple(shape))
+
+
+# --- constructors -----------------------------------------------------------------------------------------------
+
+def read(file: str, tensor: str, dtype: str, shape: Shape, *, offset: int,
+         rows: tuple[int, int] | None = None) -> Node:
+    shape = tuple(shape)
+    if rows is None:
+        rows = (0, shape[0]) if shape else (0, 1)
+    return make(Op.READ, (), ReadArg(file, tensor, dtype, shape, offset, tuple(rows)))
+
+
+def slice_(x: Node, offsets: Shape, lengths: Shape) -> Node:
+    offsets, lengths = tuple(offsets), tuple(lengths)
+    if offsets == (0,) * len(x.shape) and lengths == x.shape:
+        return x
+    return make(Op.SLICE, (x,), SliceArg(offsets, lengths))
+
+
+def narrow_dim(x: Node, dim: int, start: int, stop: int) -> Node:
+    """``x`` restricted to ``[start, stop)`` along ``dim`` (a plain SLICE, no push-down)."""
+    offsets = [0] * len(x.shape)
+    lengths = list(x.shape)
+    offsets[dim], lengths[dim] = start, stop - start
+    return slice_(x, tuple(offsets), tuple(lengths))
+
+
+def chunk(x: Node, n: int, index: int, dim: int) -> Node:
+    """The ``index``-th of ``n`` equal pieces of ``x`` along ``dim`` (torch.chunk for exact divisions)."""
+    size = x.shape[dim]
+    if size % n:
+        raise GraphError(f"chunk: dim {dim} of size {size} does not split into {n} equal pieces")
+    step = size // n
+    return narrow_dim(x, dim, index * step, (index + 1) * step)
+
+
+def cat(parts: list[Node] | tuple[Node, ...], dim: int = 0) -> Node:
+    parts = tuple(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return make(Op.CAT, parts, CatArg(dim))
+
+
+def view(x: Node, shape: Shape) -> Node:
+    shape = tuple(shape)
+    if shape == x.shape:
+        return x
+    return make(Op.VIEW, (x,), ViewArg(shape))
+
+
+def transpose(x: Node, dim0: int = 0, dim1: int = 1) -> Node:
+    return make(Op.TRANSPOSE, (x,), TransposeArg(dim0, dim1))
+
+
+def cast(x: Node, dtype: str) -> Node:
+    if x.dtype == dtype:
+        return x
+    return make(Op.CAST, (x,), CastArg(dtype))
+
+
+def dequant_fp8_block(w: Node, scale: Node, *, block: tuple[int, int] = (128, 128),
+                      origin: tuple[int, int] = (0, 0), dtype: str = "bfloat16") -> Node:
+    return make(Op.DEQUANT_FP8_BLOCK, (w, scale), DequantArg(tuple(block), tuple(origin), dtype))
+
+
+def toposort(roots) -> list[Node]:
+    """Every node reachable from ``roots``, sources before users, each once (iterative; graphs can be deep)."""
+    seen: set[str] = set()
+    order: list[Node] = []
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node.key in seen:
+                continue
+            if expanded:
+                seen.add(node.key)
+                order.append(node)
+                continue
+            stack.append((node, True))
+            for s in reversed(node.src):
+                if s.key not in seen:
+                    stack.append((s, False))
+    return order

@@ -1,0 +1,117 @@
+"""Graph rewrites.  :func:`narrow` pushes a range restriction down to the reads.
+
+Why: an output tensor bigger than the memory budget (the 1.85 GB embedding of DeepSeek-V3, a grouped-GEMM
+``weight1`` of 32 experts) is produced in bands of rows.  Pushing the band down turns "read the whole tensor,
+then slice" into "read only these rows", so a band costs its own bytes.  Where an op cannot pass a
+restriction through (a column range of a read: rows are stored whole), the rule stops and slices the
+unrestricted node, which keeps its content key, so all bands share one materialisation of it.
+
+Rules, one per op (``_RULES``):
+1. read, dim 0      -> a read of fewer rows (one contiguous positional read)
+2. slice            -> compose the ranges, narrow the source, keep what is left of the slice
+3. cat, same dim    -> only the overlapping parts, each narrowed; other dim -> narrow every part
+4. cast             -> cast of the narrowed source
+5. transpose        -> narrow the swapped dim of the source
+6. view, dim 0      -> when the band is a whole number of the source's rows, narrow the source's rows
+7. dequant, dim 0/1 -> narrow the data and the covering scale blocks, shift the block origin
+8. anything else    -> a plain slice of the node
+"""
+
+from __future__ import annotations
+
+import math
+
+from .node import (CatArg, DequantArg, Node, Op, ReadArg, SliceArg, TransposeArg, ViewArg, cast, cat,
+                   dequant_fp8_block, narrow_dim, read, slice_, transpose, view)
+
+
+def narrow(x: Node, dim: int, start: int, stop: int) -> Node:
+    """``x`` restricted to ``[start, stop)`` along ``dim``, pushed as far towards the reads as the rules allow."""
+    if not 0 <= start <= stop <= x.shape[dim]:
+        raise ValueError(f"narrow: [{start}, {stop}) outside dim {dim} of {list(x.shape)}")
+    if start == 0 and stop == x.shape[dim]:
+        return x
+    rule = _RULES.get(x.op)
+    out = rule(x, dim, start, stop) if rule else None
+    return out if out is not None else narrow_dim(x, dim, start, stop)
+
+
+def _read(x: Node, dim, start, stop):
+    a: ReadArg = x.arg
+    if dim != 0:
+        return None
+    r0 = a.rows[0]
+    return read(a.file, a.tensor, a.dtype, a.shape, offset=a.offset, rows=(r0 + start, r0 + stop))
+
+
+def _slice(x: Node, dim, start, stop):
+    a: SliceArg = x.arg
+    (src,) = x.src
+    lo = a.offsets[dim] + start
+    inner = narrow(src, dim, lo, a.offsets[dim] + stop)
+    offsets = list(a.offsets)
+    lengths = list(a.lengths)
+    offsets[dim], lengths[dim] = 0, stop - start
+    return slice_(inner, tuple(offsets), tuple(lengths))
+
+
+def _cat(x: Node, dim, start, stop):
+    a: CatArg = x.arg
+    if dim != a.dim:
+        return cat([narrow(p, dim, start, stop) for p in x.src], a.dim)
+    parts = []
+    pos = 0
+    for p in x.src:
+        size = p.shape[dim]
+        lo, hi = max(start, pos), min(stop, pos + size)
+        if lo < hi:
+            parts.append(narrow(p, dim, lo - pos, hi - pos))
+        pos += size
+    return cat(parts, dim)
+
+
+def _cast(x: Node, dim, start, stop):
+    return cast(narrow(x.src[0], dim, start, stop), x.dtype)
+
+
+def _transpose(x: Node, dim, start, stop):
+    a: TransposeArg = x.arg
+    other = a.dim1 if dim == a.dim0 else a.dim0 if dim == a.dim1 else dim
+    return transpose(narrow(x.src[0], other, start, stop), a.dim0, a.dim1)
+
+
+def _view(x: Node, dim, start, stop):
+    a: ViewArg = x.arg
+    (src,) = x.src
+    if dim != 0 or not src.shape:
+        return None
+    row = math.prod(a.shape[1:])        # elements per output row
+    src_row = math.prod(src.shape[1:])  # elements per source row
+    lo, hi = start * row, stop * row
+    if src_row == 0 or lo % src_row or hi % src_row:
+        return None
+    inner = narrow(src, 0, lo // src_row, hi // src_row)
+    return view(inner, (stop - start,) + tuple(a.shape[1:]))
+
+
+def _dequant(x: Node, dim, start, stop):
+    a: DequantArg = x.arg
+    w, s = x.src
+    block, origin = a.block[dim], a.origin[dim]
+    b0 = (origin + start) // block
+    b1 = -(-(origin + stop) // block)
+    new_origin = list(a.origin)
+    new_origin[dim] = (origin + start) - b0 * block
+    return dequant_fp8_block(narrow(w, dim, start, stop), narrow(s, dim, b0, b1),
+                             block=a.block, origin=tuple(new_origin), dtype=a.dtype)
+
+
+_RULES = {
+    Op.READ: _read,
+    Op.SLICE: _slice,
+    Op.CAT: _cat,
+    Op.CAST: _cast,
+    Op.TRANSPOSE: _transpose,
+    Op.VIEW: _view,
+    Op.DEQUANT_FP8_BLOCK: _dequant,
+}

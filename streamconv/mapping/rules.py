@@ -1,0 +1,64 @@
+"""Split rules, named after the sharding they implement (Megatron vocabulary).
+
+Each rule is a pure function ``(source nodes, tp_size, tp_rank) -> node``: no I/O, no model knowledge.
+Per-rank layouts, with ``chunk_t(X, n, d)`` the t-th of n equal pieces of X along dim d:
+
+    REPLICATED      X                                  every rank holds the whole tensor
+    COLUMN          chunk_t(X, TP, 0)                  column-parallel linear: output rows split
+    ROW             chunk_t(X, TP, 1)                  row-parallel linear: input columns split
+    GATED_COLUMN    [chunk_t(gate, TP, 0);             SwiGLU fc1: each rank holds its gate slice, then its
+                     chunk_t(up, TP, 0)]               up slice (Megatron splits the fc1 output in halves)
+    FUSED_ROWS      [X_0; X_1; ...] whole              several sources stacked on dim 0, not split
+
+Grouped-GEMM expert stacks (Megatron GroupedMLP, ``weight1.view(n, H, -1)``, ``weight2.view(n, -1, H)``):
+
+    weight1 = reinterpret( [fc1_0^T; fc1_1^T; ...] as [n*H, C] )  as [H, n*C]     (C = 2*Fm/TPe)
+    weight2 = [fc2_0^T; fc2_1^T; ...]                                              ([n*Fm/TPe, H])
+
+``weight1`` is *not* a column concatenation of the fc1^T: its memory is expert-major, then hidden row.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from ..graph.node import Node, cat, chunk, transpose, view
+
+
+class Split(str, Enum):
+    REPLICATED = "replicated"
+    COLUMN = "column"
+    ROW = "row"
+    GATED_COLUMN = "gated_column"
+    FUSED_ROWS = "fused_rows"
+
+
+def apply_split(split: Split, sources: list[Node], tp: int, t: int) -> Node:
+    """The rank-``t`` piece (of ``tp``) of a target tensor built from ``sources`` by ``split``."""
+    if split is Split.REPLICATED:
+        (x,) = sources
+        return x
+    if split is Split.COLUMN:
+        (x,) = sources
+        return chunk(x, tp, t, 0)
+    if split is Split.ROW:
+        (x,) = sources
+        return chunk(x, tp, t, 1)
+    if split is Split.GATED_COLUMN:
+        gate, up = sources
+        return cat([chunk(gate, tp, t, 0), chunk(up, tp, t, 0)], 0)
+    if split is Split.FUSED_ROWS:
+        return cat(list(sources), 0)
+    raise ValueError(f"unknown split {split}")
+
+
+def grouped_weight1(fc1_pieces: list[Node]) -> Node:
+    """Stack per-expert fc1 pieces ([C, H] each) into Megatron's ``weight1`` [H, n*C] (memory [n, H, C])."""
+    c, h = fc1_pieces[0].shape
+    stacked = cat([transpose(p) for p in fc1_pieces], 0)          # [n*H, C] == memory of [n, H, C]
+    return view(stacked, (h, len(fc1_pieces) * c))
+
+
+def grouped_weight2(fc2_pieces: list[Node]) -> Node:
+    """Stack per-expert fc2 pieces ([H, F] each) into Megatron's ``weight2`` [n*F, H]."""
+    return cat([transpose(p) for p in fc2_pieces], 0)

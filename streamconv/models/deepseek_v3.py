@@ -1,0 +1,316 @@
+"""DeepSeek-V3 (HF ``deepseek_v3``) -> MindSpeed-LLM mcore, as tables.
+
+Spec: ``deepseek_v3_mindspeed.md`` §1 (HF layout), §3 (key mapping), §4 (placement).  Every dimension comes
+from config.json.  Tables below are ``(mcore suffix, HF suffixes, split rule)`` rows; split rules are
+defined in :mod:`streamconv.mapping.rules`.  Key names are the current MindSpeed set (after 2025-07-23).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ..errors import ValidationError
+from ..graph.node import Node
+from ..layout.parallel import LayerSlot, ParallelSizes, RankFile, expert_range, place_layers, rank_files
+from ..mapping.rules import Split, apply_split, grouped_weight1, grouped_weight2
+from ..mapping.sources import SourceTensors
+
+MODEL_TYPE = "deepseek_v3"
+FP8_BLOCK = (128, 128)
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeepSeekV3Config:
+    """The dimensions of a DeepSeek-V3-family model, read from its HF config.json (spec §1.1)."""
+
+    hidden_size: int
+    vocab_size: int
+    num_hidden_layers: int
+    first_k_dense_replace: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_attention_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    num_nextn_predict_layers: int = 0
+    fp8: bool = False
+
+    @classmethod
+    def from_json(cls, obj: dict, *, path: str = "config.json") -> "DeepSeekV3Config":
+        required = [f for f in cls.__dataclass_fields__ if f not in ("num_nextn_predict_layers", "fp8")]
+        missing = [f for f in required if not isinstance(obj.get(f), int)]
+        if missing:
+            raise ValidationError(f"{path}: missing or non-integer field(s) {', '.join(missing)}. "
+                                  f"Is this a DeepSeek-V3 config.json?")
+        q = obj.get("quantization_config") or {}
+        fp8 = q.get("quant_method") == "fp8"
+        if fp8 and list(q.get("weight_block_size", FP8_BLOCK)) != list(FP8_BLOCK):
+            raise ValidationError(f"{path}: quantization_config.weight_block_size {q.get('weight_block_size')} "
+                                  f"(expected [128, 128]); only DeepSeek's 128x128 block format is supported.")
+        return cls(**{f: obj[f] for f in required},
+                   num_nextn_predict_layers=int(obj.get("num_nextn_predict_layers") or 0), fp8=fp8)
+
+    @property
+    def shared_ffn(self) -> int:
+        return self.moe_intermediate_size * self.n_shared_experts
+
+
+@dataclass(frozen=True)
+class McoreOptions:
+    """MindSpeed-LLM model flags that change the checkpoint layout (beyond TP/PP/EP)."""
+
+    moe_grouped_gemm: bool = False
+    mtp_num_layers: int = 0
+    num_layers: int | None = None              # real layer slots; default: config num_hidden_layers
+    first_k_dense_replace: int | None = None   # default: config first_k_dense_replace
+
+
+# --- the HF side: every tensor the checkpoint must contain (validation and coverage) -----------------------------
+
+def _layer_shapes(c: DeepSeekV3Config, dense: bool) -> dict[str, tuple[int, ...]]:
+    h, nh = c.hidden_size, c.num_attention_heads
+    s = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_a_proj.weight": (c.q_lora_rank, h),
+        "self_attn.q_a_layernorm.weight": (c.q_lora_rank,),
+        "self_attn.q_b_proj.weight": (nh * (c.qk_nope_head_dim + c.qk_rope_head_dim), c.q_lora_rank),
+        "self_attn.kv_a_proj_with_mqa.weight": (c.kv_lora_rank + c.qk_rope_head_dim, h),
+        "self_attn.kv_a_layernorm.weight": (c.kv_lora_rank,),
+        "self_attn.kv_b_proj.weight": (nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
+        "self_attn.o_proj.weight": (h, nh * c.v_head_dim),
+    }
+    if dense:
+        f = c.intermediate_size
+        s.update({"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)})
+        return s
+    fs, fm = c.shared_ffn, c.moe_intermediate_size
+    s.update({
+        "mlp.gate.weight": (c.n_routed_experts, h),
+        "mlp.gate.e_score_correction_bias": (c.n_routed_experts,),
+        "mlp.shared_experts.gate_proj.weight": (fs, h),
+        "mlp.shared_experts.up_proj.weight": (fs, h),
+        "mlp.shared_experts.down_proj.weight": (h, fs),
+    })
+    for j in range(c.n_routed_experts):
+        s[f"mlp.experts.{j}.gate_proj.weight"] = (fm, h)
+        s[f"mlp.experts.{j}.up_proj.weight"] = (fm, h)
+        s[f"mlp.experts.{j}.down_proj.weight"] = (h, fm)
+    return s
+
+
+def _mtp_extra_shapes(c: DeepSeekV3Config) -> dict[str, tuple[int, ...]]:
+    h, v = c.hidden_size, c.vocab_size
+    return {"embed_tokens.weight": (v, h), "enorm.weight": (h,), "hnorm.weight": (h,),
+            "eh_proj.weight": (h, 2 * h), "shared_head.norm.weight": (h,), "shared_head.head.weight": (v, h)}
+
+
+def hf_tensor_shapes(c: DeepSeekV3Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a DeepSeek-V3 HF checkpoint with config ``c`` holds (FP8 scales excluded)."""
+    out = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,),
+           "lm_head.weight": (c.vocab_size, c.hidden_size)}
+    for i in range(c.num_hidden_layers + c.num_nextn_predict_layers):
+        shapes = _layer_shapes(c, dense=i < c.first_k_dense_replace)
+        if i >= c.num_hidden_layers:
+            shapes.update(_mtp_extra_shapes(c))
+        out.update({f"model.layers.{i}.{k}": v for k, v in shapes.items()})
+    return out
+
+
+# The 2-D linear weights that DeepSeek's FP8 release stores as float8_e4m3fn with a `_scale_inv` (spec §1.4).
+# Everything else (router gate, embeddings, lm_head, norms, eh_proj, shared_head) stays bf16/float32.
+_FP8_WEIGHT = re.compile(
+    r"^model\.layers\.\d+\.("
+    r"self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj)"
+    r")\.weight$")
+
+
+def is_fp8_weight(name: str) -> bool:
+    """Whether the FP8 release stores ``name`` as float8_e4m3fn with a ``_scale_inv``."""
+    return _FP8_WEIGHT.match(name) is not None
+
+
+# --- the mcore side: tables -----------------------------------------------------------------------------------------
+
+ATTENTION = [
+    ("input_layernorm.weight", ("input_layernorm.weight",), Split.REPLICATED),
+    ("self_attention.linear_qkv.weight",
+     ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"), Split.FUSED_ROWS),  # LinearNoTP
+    ("self_attention.q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), Split.REPLICATED),
+    ("self_attention.kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), Split.REPLICATED),
+    ("self_attention.linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), Split.COLUMN),    # whole heads
+    ("self_attention.linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), Split.COLUMN),  # whole heads
+    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), Split.ROW),
+    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), Split.REPLICATED),
+]
+
+DENSE_MLP = [
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), Split.GATED_COLUMN),
+    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), Split.ROW),
+]
+
+MOE_MLP = [
+    ("mlp.router.weight", ("mlp.gate.weight",), Split.REPLICATED),
+    ("mlp.router.expert_bias", ("mlp.gate.e_score_correction_bias",), Split.REPLICATED),  # stays float32
+    ("mlp.shared_experts.linear_fc1.weight",
+     ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), Split.GATED_COLUMN),
+    ("mlp.shared_experts.linear_fc2.weight", ("mlp.shared_experts.down_proj.weight",), Split.ROW),
+]
+
+# Routed expert j, per rank slice of the expert tensor-parallel group (TPe = TP here).
+EXPERT_FC1 = (("mlp.experts.{j}.gate_proj.weight", "mlp.experts.{j}.up_proj.weight"), Split.GATED_COLUMN)
+EXPERT_FC2 = (("mlp.experts.{j}.down_proj.weight",), Split.ROW)
+
+# MTP module m (HF layer num_hidden_layers + m), besides its transformer layer.
+MTP_EXTRA = [
+    ("enorm.weight", ("enorm.weight",), Split.REPLICATED),
+    ("hnorm.weight", ("hnorm.weight",), Split.REPLICATED),
+    ("eh_proj.weight", ("eh_proj.weight",), Split.COLUMN),
+]
+
+
+# --- building every rank's state dict ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TargetTensor:
+    group: str     # top-level key of the .pt file holding it ("model")
+    name: str
+    node: Node
+
+
+def hf_layer_list(c: DeepSeekV3Config, num_layers: int, first_k: int) -> list[int]:
+    """HF layer index for each real slot (spec §4.2): the first ``first_k`` layers, then the MoE layers."""
+    return (list(range(first_k)) + list(range(c.first_k_dense_replace, c.num_hidden_layers)))[:num_layers]
+
+
+def validate(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> tuple[int, int]:
+    """Every contradiction between config, sizes and options, raised at once.  Returns (num_layers, first_k)."""
+    problems = []
+    num_layers = c.num_hidden_layers if o.num_layers is None else o.num_layers
+    first_k = c.first_k_dense_replace if o.first_k_dense_replace is None else o.first_k_dense_replace
+    tp, pp, ep = sizes.tp, sizes.pp, sizes.ep
+    if not 1 <= num_layers <= c.num_hidden_layers:
+        problems.append(f"--num-layers {num_layers}: the checkpoint has {c.num_hidden_layers} layers "
+                        f"(num_hidden_layers in config.json). Pass a value between 1 and that.")
+    if not 0 <= first_k <= c.first_k_dense_replace:
+        problems.append(f"--first-k-dense-replace {first_k}: must be between 0 and the checkpoint's "
+                        f"first_k_dense_replace ({c.first_k_dense_replace}).")
+    if o.mtp_num_layers < 0 or o.mtp_num_layers > c.num_nextn_predict_layers:
+        problems.append(f"--mtp-num-layers {o.mtp_num_layers}: the checkpoint has {c.num_nextn_predict_layers} "
+                        f"MTP layer(s) (num_nextn_predict_layers in config.json). Pass at most that.")
+    if 1 <= num_layers <= c.num_hidden_layers and num_layers % pp:
+        problems.append(f"--num-layers {num_layers} is not divisible by --target-pipeline-parallel-size {pp}. "
+                        f"Choose a pipeline size that divides the layer count.")
+    divisible = [
+        ("num_attention_heads", c.num_attention_heads, tp, "--target-tensor-parallel-size"),
+        ("vocab_size", c.vocab_size, tp, "--target-tensor-parallel-size"),
+        ("hidden_size", c.hidden_size, tp, "--target-tensor-parallel-size"),
+        ("intermediate_size", c.intermediate_size, tp, "--target-tensor-parallel-size"),
+        ("moe_intermediate_size", c.moe_intermediate_size, tp, "--target-tensor-parallel-size"),
+        ("moe_intermediate_size * n_shared_experts", c.shared_ffn, tp, "--target-tensor-parallel-size"),
+        ("n_routed_experts", c.n_routed_experts, ep, "--target-expert-parallel-size"),
+    ]
+    for field, value, size, flag in divisible:
+        if value % size:
+            problems.append(f"{flag} {size} does not divide {field} = {value}. Choose a size that divides it.")
+    if problems:
+        raise ValidationError(problems)
+    return num_layers, first_k
+
+
+def build_rank_tensors(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions,
+                       src: SourceTensors) -> dict[RankFile, list[TargetTensor]]:
+    """Every rank file's ordered state dict, as nodes over ``src`` (spec §3, §4.3, §4.6)."""
+    num_layers, first_k = validate(c, sizes, o)
+    hf_layers = hf_layer_list(c, num_layers, first_k)
+    slots: list[LayerSlot] = place_layers(num_layers, sizes.pp)
+    last = sizes.pp - 1
+    by_stage: dict[int, list[tuple[LayerSlot, int]]] = defaultdict(list)
+    for slot in slots:
+        by_stage[slot.pp_rank].append((slot, hf_layers[slot.slot]))
+    final_norm = "final_layernorm.weight" if o.mtp_num_layers else "decoder.final_layernorm.weight"
+
+    out: dict[RankFile, list[TargetTensor]] = {}
+    for r in rank_files(sizes):
+        t = r.tp_rank
+        items: list[tuple[str, Node]] = []
+        if r.pp_rank == 0:
+            items.append(("embedding.word_embeddings.weight",
+                          apply_split(Split.COLUMN, [src.get("model.embed_tokens.weight")], sizes.tp, t)))
+        for slot, hf in by_stage[r.pp_rank]:
+            items += _layer(c, sizes, o, src, r, f"decoder.layers.{slot.local}.", f"model.layers.{hf}.",
+                            dense=hf < first_k)
+        if r.pp_rank == last:
+            items.append((final_norm, src.get("model.norm.weight")))
+            items.append(("output_layer.weight",
+                          apply_split(Split.COLUMN, [src.get("lm_head.weight")], sizes.tp, t)))
+            for m in range(o.mtp_num_layers):
+                hf_prefix = f"model.layers.{c.num_hidden_layers + m}."
+                if sizes.pp > 1:  # the MTP stage needs its own copy of the embedding (spec §3.7)
+                    items.append(("embedding.word_embeddings.weight", apply_split(
+                        Split.COLUMN, [src.get(hf_prefix + "embed_tokens.weight")], sizes.tp, t)))
+                items += _table(MTP_EXTRA, src, sizes.tp, t, f"mtp.layers.{m}.", hf_prefix)
+                items.append((f"mtp.final_layernorms.{m}.weight", src.get(hf_prefix + "shared_head.norm.weight")))
+                items += _layer(c, sizes, o, src, r, f"mtp.layers.{m}.transformer_layer.", hf_prefix, dense=False)
+        out[r] = [TargetTensor("model", name, node) for name, node in items]
+    _declare_dropped(c, sizes, o, src, hf_layers)
+    return out
+
+
+def _table(rows, src: SourceTensors, tp: int, t: int, prefix: str, hf_prefix: str) -> list[tuple[str, Node]]:
+    return [(prefix + target, apply_split(split, [src.get(hf_prefix + s) for s in sources], tp, t))
+            for target, sources, split in rows]
+
+
+def _layer(c, sizes, o, src, r: RankFile, prefix: str, hf_prefix: str, dense: bool) -> list[tuple[str, Node]]:
+    t, tp = r.tp_rank, sizes.tp
+    items = _table(ATTENTION, src, tp, t, prefix, hf_prefix)
+    if dense:
+        return items + _table(DENSE_MLP, src, tp, t, prefix, hf_prefix)
+    items += _table(MOE_MLP, src, tp, t, prefix, hf_prefix)
+    experts = expert_range(r.ep_rank, sizes.ep, c.n_routed_experts)
+
+    def piece(rule, j):
+        names, split = rule
+        return apply_split(split, [src.get(hf_prefix + n.format(j=j)) for n in names], tp, t)
+
+    if o.moe_grouped_gemm:
+        items.append((prefix + "mlp.experts.weight1", grouped_weight1([piece(EXPERT_FC1, j) for j in experts])))
+        items.append((prefix + "mlp.experts.weight2", grouped_weight2([piece(EXPERT_FC2, j) for j in experts])))
+    else:
+        for q, j in enumerate(experts):
+            base = f"{prefix}mlp.experts.local_experts.{q}."
+            items.append((base + "linear_fc1.weight", piece(EXPERT_FC1, j)))
+            items.append((base + "linear_fc2.weight", piece(EXPERT_FC2, j)))
+    return items
+
+
+def _declare_dropped(c, sizes, o, src: SourceTensors, hf_layers: list[int]) -> None:
+    """Source tensors deliberately not converted, with the reason (coverage accounting, spec §3.8)."""
+    used = set(hf_layers)
+    for i in range(c.num_hidden_layers):
+        if i not in used:
+            why = ("--first-k-dense-replace skips this dense layer" if i < c.first_k_dense_replace
+                   else "beyond --num-layers")
+            for name in _layer_shapes(c, dense=i < c.first_k_dense_replace):
+                src.drop(f"model.layers.{i}.{name}", why)
+    for m in range(c.num_nextn_predict_layers):
+        prefix = f"model.layers.{c.num_hidden_layers + m}."
+        if m >= o.mtp_num_layers:
+            for name in list(_layer_shapes(c, dense=False)) + list(_mtp_extra_shapes(c)):
+                src.drop(prefix + name, f"MTP layer {m} not requested (--mtp-num-layers {o.mtp_num_layers})")
+            continue
+        src.drop(prefix + "shared_head.head.weight", "copy of lm_head; MTP uses output_layer (spec §3.7)")
+        if sizes.pp == 1:
+            src.drop(prefix + "embed_tokens.weight", "copy of model.embed_tokens; with PP 1 the MTP shares "
+                                                     "the stage's embedding (spec §3.7)")
