@@ -214,12 +214,13 @@ def validate(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> tupl
     divisible = [
         ("num_attention_heads", c.num_attention_heads, tp, "--target-tensor-parallel-size"),
         ("vocab_size", c.vocab_size, tp, "--target-tensor-parallel-size"),
-        ("hidden_size", c.hidden_size, tp, "--target-tensor-parallel-size"),
         ("intermediate_size", c.intermediate_size, tp, "--target-tensor-parallel-size"),
         ("moe_intermediate_size", c.moe_intermediate_size, tp, "--target-tensor-parallel-size"),
         ("moe_intermediate_size * n_shared_experts", c.shared_ffn, tp, "--target-tensor-parallel-size"),
         ("n_routed_experts", c.n_routed_experts, ep, "--target-expert-parallel-size"),
     ]
+    if o.mtp_num_layers:  # eh_proj is the one tensor split along the hidden size
+        divisible.append(("hidden_size", c.hidden_size, tp, "--target-tensor-parallel-size"))
     for field, value, size, flag in divisible:
         if value % size:
             problems.append(f"{flag} {size} does not divide {field} = {value}. Choose a size that divides it.")

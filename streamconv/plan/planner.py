@@ -59,9 +59,9 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes,
 
     return Plan(
         kind="hf2mcore",
-        source_root=src.root,
+        source_root=load_dir,   # as given: a plan made with relative paths runs from any checkout
         source_files=tuple(src.files),
-        target_root=os.path.abspath(save_dir),
+        target_root=save_dir,
         files=tuple(files),
         dropped=tuple(Dropped(n, r) for n, r in sorted(src.dropped.items())),
         options={"target": asdict(sizes), "model": asdict(options), "model_type": dsv3.MODEL_TYPE},

@@ -1,0 +1,133 @@
+"""The plan / run / convert / inspect commands: thin wrappers over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..errors import StreamconvError
+from ..plan.plan import Plan
+from . import common, report
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="compile a conversion plan (JSON) without writing any checkpoint")
+    psub = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    h = psub.add_parser("hf2mcore", help="HF DeepSeek-V3 safetensors -> MindSpeed mcore (legacy torch format)")
+    common.add_hf2mcore_flags(h)
+    h.add_argument("--output", "-o", required=True, help="where to save the plan JSON")
+    h.add_argument("--dry-run", action="store_true", help="print the plan's summary; do not save it")
+    h.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("run", help="execute a saved plan")
+    r.add_argument("plan", help="plan JSON written by `streamconv plan`")
+    common.add_run_flags(r)
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("convert", help="plan and run in one step")
+    csub = c.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    ch = csub.add_parser("hf2mcore", help="HF DeepSeek-V3 safetensors -> MindSpeed mcore (legacy torch format)")
+    common.add_hf2mcore_flags(ch)
+    common.add_run_flags(ch)
+    ch.add_argument("--plan-output", help="also save the plan JSON here")
+    ch.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("inspect", help="show a plan, an HF checkpoint or an mcore checkpoint as a table")
+    i.add_argument("path", help="plan JSON, HF checkpoint directory, or mcore save dir")
+    i.add_argument("--tensors", action="store_true", help="list every tensor (shape, dtype, bytes)")
+    i.set_defaults(func=cmd_inspect)
+
+
+def cmd_plan(args) -> int:
+    plan = common.plan_hf2mcore_from_args(args)
+    print(report.plan_summary(plan))
+    if args.dry_run:
+        print("dry run: plan not saved")
+        return 0
+    plan.save(args.output)
+    print(f"plan saved to {args.output}")
+    return 0
+
+
+def _execute(plan: Plan, args) -> int:
+    from ..execute.executor import preflight, run_plan
+
+    opts = common.run_options(args)
+    if args.dry_run:
+        preflight(plan, opts)
+        print(report.plan_summary(plan))
+        print("dry run: checks passed, nothing written")
+        return 0
+    result = run_plan(plan, opts)
+    print(f"wrote {result.files} files, {report.human(result.bytes_written)} to {plan.target_root} "
+          f"in {result.seconds:.1f} s ({result.bytes_written / 1e9 / max(result.seconds, 1e-9):.2f} GB/s)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    return _execute(Plan.load(args.plan), args)
+
+
+def cmd_convert(args) -> int:
+    plan = common.plan_hf2mcore_from_args(args)
+    if args.plan_output and not args.dry_run:
+        plan.save(args.plan_output)
+    return _execute(plan, args)
+
+
+def cmd_inspect(args) -> int:
+    path = args.path
+    if os.path.isfile(path):
+        print(report.plan_summary(Plan.load(path), tensors=args.tensors))
+        return 0
+    if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
+        print(_inspect_mcore(path, args.tensors))
+        return 0
+    if os.path.isdir(path):
+        print(_inspect_hf(path, args.tensors))
+        return 0
+    raise StreamconvError(f"{path}: no such plan file or checkpoint directory.")
+
+
+def _inspect_hf(path: str, tensors: bool) -> str:
+    from ..plan.sources import HFSource
+
+    src = HFSource(path)
+    files: dict[str, list] = {}
+    for name, (shard, info) in src.tensors.items():
+        files.setdefault(shard, []).append((name, info))
+    rows = [(shard, len(items), report.human(sum(i.nbytes for _, i in items))) for shard, items in sorted(files.items())]
+    out = [f"HF checkpoint {src.root}", report.table(rows, ("file", "tensors", "bytes")),
+           f"total: {len(files)} files, {len(src.tensors)} tensors, "
+           f"{report.human(sum(i.nbytes for _, i in src.tensors.values()))}"]
+    if tensors:
+        out.append(report.table([(n, i.dtype, list(i.shape), shard) for n, (shard, i) in sorted(src.tensors.items())],
+                                ("tensor", "dtype", "shape", "file")))
+    return "\n".join(out)
+
+
+def _inspect_mcore(path: str, tensors: bool) -> str:
+    import torch
+
+    with open(os.path.join(path, "latest_checkpointed_iteration.txt")) as f:
+        it = f.read().strip()
+    iter_dir = os.path.join(path, "release" if it == "release" else f"iter_{int(it):07d}")
+    rows, detail = [], []
+    for rank in sorted(os.listdir(iter_dir)):
+        pt = os.path.join(iter_dir, rank, "model_optim_rng.pt")
+        if not os.path.isfile(pt):
+            continue
+        # weights_only: never executes code from the file; mmap: reads no tensor data
+        obj = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+        groups = {k: v for k, v in obj.items() if isinstance(v, dict)}
+        n = sum(len(g) for g in groups.values())
+        nbytes = sum(t.numel() * t.element_size() for g in groups.values() for t in g.values())
+        rows.append((f"{os.path.basename(iter_dir)}/{rank}", ",".join(groups), n, report.human(nbytes)))
+        if tensors:
+            detail.append(f"\n{rank}")
+            detail.append(report.table([(f"{g}.{k}", str(t.dtype).replace("torch.", ""), list(t.shape))
+                                        for g, d in groups.items() for k, t in d.items()],
+                                       ("tensor", "dtype", "shape")))
+    return "\n".join([f"mcore checkpoint {path} (iteration {it})",
+                      report.table(rows, ("rank file", "groups", "tensors", "bytes"))] + detail)

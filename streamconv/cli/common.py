@@ -1,0 +1,64 @@
+"""Flags shared by several commands, defined once so names and help match everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'512MB', '1.5GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MB, 2GiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_hf2mcore_flags(p: argparse.ArgumentParser) -> None:
+    """MindSpeed-LLM's converter flags, so a user's script ports by changing the program name."""
+    p.add_argument("--load-dir", required=True, help="HF checkpoint directory (config.json, *.safetensors, index)")
+    p.add_argument("--save-dir", required=True, help="directory the mcore checkpoint is written to")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
+    p.add_argument("--target-expert-parallel-size", type=int, default=1, metavar="EP")
+    p.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="write routed experts as grouped-GEMM weight1/weight2 (what DeepSeek-V3 scripts train with)")
+    p.add_argument("--mtp-num-layers", type=int, default=0, help="MTP modules to convert (0 drops them)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="transformer layers to convert (default: num_hidden_layers of config.json)")
+    p.add_argument("--first-k-dense-replace", type=int, default=None,
+                   help="dense layers to keep (default: first_k_dense_replace of config.json)")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", type=parse_size, default="1GiB",
+                   help="bound on bytes in flight (default 1GiB); peak RSS is about this plus ~0.4 GB")
+    p.add_argument("--workers", type=int, default=2, help="threads of the local scheduler (default 2)")
+    p.add_argument("--scheduler", default="threads",
+                   help="'threads' (default), 'sync' (one thread, for debugging) or a dask.distributed "
+                        "scheduler address such as tcp://host:8786")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --save-dir")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
+    p.add_argument("--dry-run", action="store_true", help="check and print what would be written; write nothing")
+
+
+def run_options(args):
+    from ..execute.executor import RunOptions
+
+    return RunOptions(max_memory=args.max_memory, num_workers=args.workers, scheduler=args.scheduler,
+                      overwrite=args.overwrite, progress=args.progress)
+
+
+def plan_hf2mcore_from_args(args):
+    from ..layout.parallel import ParallelSizes
+    from ..models.deepseek_v3 import McoreOptions
+    from ..plan.planner import plan_hf_to_mcore
+
+    sizes = ParallelSizes(args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+                          args.target_expert_parallel_size)
+    options = McoreOptions(moe_grouped_gemm=args.moe_grouped_gemm, mtp_num_layers=args.mtp_num_layers,
+                           num_layers=args.num_layers, first_k_dense_replace=args.first_k_dense_replace)
+    return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, options)

@@ -1,0 +1,54 @@
+"""streamconv command line.
+
+    streamconv synth    --save-dir DIR [--preset tiny] [--fp8]           make a DeepSeek-V3-shaped HF checkpoint
+    streamconv plan     hf2mcore --load-dir HF --save-dir OUT -o plan.json  compile a plan (headers only)
+    streamconv run      plan.json                                          execute a saved plan
+    streamconv convert  hf2mcore --load-dir HF --save-dir OUT ...          plan and run in one step
+    streamconv inspect  plan.json | HF_DIR | MCORE_DIR                     tables of files, tensors, bytes
+
+Errors a user can cause print one line (what, where, the fix) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import __version__
+from ..errors import StreamconvError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands, synth
+
+    parser = argparse.ArgumentParser(prog="streamconv", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"streamconv {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    synth.register(sub)
+    commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except StreamconvError as exc:
+        print(f"streamconv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamconv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

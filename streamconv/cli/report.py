@@ -1,0 +1,41 @@
+"""Plain-text tables for plans and checkpoints (inspect, --dry-run)."""
+
+from __future__ import annotations
+
+from ..plan.plan import Plan
+
+
+def human(n: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+    cols = list(zip(*([header] + [tuple(str(c) for c in r) for r in rows]))) if rows else [[h] for h in header]
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def plan_summary(plan: Plan, *, tensors: bool = False) -> str:
+    rows = [(f.path, f.format, len(f.tensors), human(f.nbytes)) for f in plan.files]
+    out = [f"plan {plan.kind}: {plan.source_root} -> {plan.target_root}",
+           f"options: {plan.options}",
+           table(rows, ("file", "format", "tensors", "bytes")),
+           f"total: {len(plan.files)} files, {plan.tensor_count} tensors, {human(plan.nbytes)} "
+           f"from {len(plan.source_files)} source files"]
+    if tensors:
+        for f in plan.files:
+            if f.tensors:
+                out.append(f"\n{f.path}")
+                out.append(table([(f"{t.group}.{t.name}" if t.group else t.name, t.node.dtype,
+                                   list(t.node.shape), human(t.nbytes)) for t in f.tensors],
+                                 ("tensor", "dtype", "shape", "bytes")))
+    if plan.dropped:
+        out.append(f"\ndropped source tensors ({len(plan.dropped)}):")
+        out += [f"  {d.name}: {d.reason}" for d in plan.dropped]
+    return "\n".join(out)
