@@ -1,0 +1,5 @@
+import sys
+
+from .hf2mcore import main
+
+sys.exit(main())

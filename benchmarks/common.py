@@ -1,0 +1,78 @@
+"""Shared pieces of the benchmarks: child processes with peak RSS, cache dropping, the raw-copy baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+MiB = 1 << 20
+
+
+def drop_caches() -> bool:
+    """Flush dirty pages and drop the page cache (needs root); returns whether it worked."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_measured(cmd: list[str], *, env: dict | None = None) -> dict:
+    """Run ``cmd`` as a child; wall seconds and peak RSS as the OS reports it (``/usr/bin/time -v``, or
+    getrusage of the children where that tool is absent)."""
+    full_env = dict(os.environ, **(env or {}))
+    start = time.monotonic()
+    if os.path.exists("/usr/bin/time"):
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=full_env)
+        wall = time.monotonic() - start
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        rss = int(m.group(1)) * 1024 if m else None
+    else:
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
+        wall = time.monotonic() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        rss = after * 1024 if after > before else None  # an upper bound across children
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return {"seconds": wall, "peak_rss_bytes": rss, "stdout": proc.stdout[-2000:]}
+
+
+def raw_copy_script(inputs: list[str], out_path: str, out_bytes: int) -> list[str]:
+    """A child command that reads every input file and writes ``out_bytes`` with plain 64 MiB read/write and
+    fsync: the physical floor of a conversion (read the input once, write the output once)."""
+    code = f"""
+import os
+buf = bytearray({64 * MiB})
+mv = memoryview(buf)
+for p in {inputs!r}:
+    with open(p, 'rb', buffering=0) as f:
+        while f.readinto(buf):
+            pass
+left = {out_bytes}
+with open({out_path!r}, 'wb', buffering=0) as f:
+    while left > 0:
+        n = f.write(mv[:min(left, len(buf))])
+        left -= n
+    os.fsync(f.fileno())
+os.remove({out_path!r})
+"""
+    return [sys.executable, "-c", code]
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def save_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
