@@ -64,4 +64,8 @@ def graph_to_json(roots: list[Node]) -> dict:
 
 def graph_from_json(obj: dict) -> list[Node]:
     nodes = nodes_from_json(obj["nodes"])
+    bad = [i for i in obj["roots"] if not (type(i) is int and 0 <= i < len(nodes))]
+    if bad:
+        raise GraphError(f"roots {bad} are not indices of the {len(nodes)}-node table; the graph was edited "
+                         f"or is from another version")
     return [nodes[i] for i in obj["roots"]]

@@ -113,6 +113,11 @@ class Node:
     dtype: str
     shape: Shape
 
+    def __post_init__(self) -> None:
+        # Hash at construction: sources are built first and already hold their keys, so computing a key
+        # never recurses (a lazy key on a chain thousands of nodes deep overflowed the Python stack).
+        self.key  # noqa: B018
+
     @cached_property
     def key(self) -> str:
         """Content hash of op, argument and sources: equal graphs have equal keys."""
