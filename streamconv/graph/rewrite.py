@@ -67,6 +67,8 @@ def _cat(x: Node, dim, start, stop):
         if lo < hi:
             parts.append(narrow(p, dim, lo - pos, hi - pos))
         pos += size
+    if not parts:  # start == stop: an empty piece of the first part (cat of nothing is ill-typed)
+        return narrow(x.src[0], dim, 0, 0)
     return cat(parts, dim)
 
 

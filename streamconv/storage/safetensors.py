@@ -144,8 +144,10 @@ def read_tensor(path: str, info: TensorInfo, rows: tuple[int, int] | None = None
 
 def bytes_to_tensor(buf: np.ndarray, dtype_name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """View a uint8 numpy buffer as a torch tensor of ``dtype_name`` and ``shape`` (no copy)."""
-    t = torch.from_numpy(buf)
-    return t.view(types.dtype(dtype_name).torch).reshape(shape)
+    dt = types.dtype(dtype_name).torch
+    if buf.size == 0:  # torch cannot reinterpret an empty uint8 array (its stride is 0): nothing to view
+        return torch.empty(shape, dtype=dt)
+    return torch.from_numpy(buf).view(dt).reshape(shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> np.ndarray:
