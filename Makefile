@@ -33,7 +33,7 @@ test-slow: venv
 
 # Re-generate the saved example plans in plans/ (a test checks they are in sync).
 plans: venv
-	$(PY) -m benchmarks.make_plans
+	$(PY) plans/generate.py
 
 bench: venv
 	$(PY) -m benchmarks --size 2GB
