@@ -1,6 +1,6 @@
-"""FP8 (e4m3fn / e5m2) -> bf16 block dequantization, bit-exact with DeepSeek's rule.
+"""FP8 (e4m3fn / e5m2) -> bf16 block dequantization, bit-exact with the reference rule.
 
-DeepSeek's ``weight_dequant`` computes ``bf16(float32(w) * s)`` per element, ``s`` being the float32 scale of
+The reference ``weight_dequant`` kernel of block-scaled FP8 checkpoints computes ``bf16(float32(w) * s)`` per element, ``s`` being the float32 scale of
 the element's 128x128 block.  An fp8 element has only 256 possible values, so for each block the result is
 one of 256 values: we build, per band of block rows, a table ``lut[col_block, code] = bf16(float32(code) * s)``
 with torch (the very same float32 multiply and round-to-nearest-even cast as the reference), and gather.

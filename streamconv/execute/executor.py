@@ -36,7 +36,7 @@ from ..plan.plan import OutputFile, Plan
 from ..plan.sources import header_digest
 from ..storage import fileio
 from . import writers
-from .kernels import run_node
+from .kernels import materialize, run_node
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,10 @@ def _write(fmt: str, path: str, layout, index: int, offset: int, value, _created
     return writers.WRITE_PIECE[fmt](path, layout, index, value, offset)
 
 
+def _compute_and_write(fmt: str, path: str, layout, index: int, offset: int, root: str, node: Node, _created):
+    return writers.WRITE_PIECE[fmt](path, layout, index, materialize(node, root), offset)
+
+
 def _barrier(_done) -> None:
     return None
 
@@ -181,8 +185,12 @@ def _create(fmt: str, path: str, layout) -> None:
 
 # --- the graph ------------------------------------------------------------------------------------------------------
 
-def build_graph(plan: Plan, opts: RunOptions) -> tuple[dict, dict[tuple, int]]:
-    """The raw Dask graph of a plan, and the byte count of each write task (for progress)."""
+def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False) -> tuple[dict, dict[tuple, int]]:
+    """The raw Dask graph of a plan, and the byte count of each write task (for progress).
+
+    ``fused``: one task per piece that computes its whole graph and writes it (for dask.distributed, where a
+    task costs milliseconds and intermediate tensors would cross the network; workers then hold nothing
+    between tasks, so no waves are needed).  Otherwise one task per graph node, shared reads run once."""
     dsk: dict = {}
     pieces = plan_pieces(plan, min(opts.band_bytes, max(opts.max_memory // 8, 1)))
     waves, first_read_wave = assign_waves(pieces, max(opts.max_memory // 3, 1))
@@ -200,6 +208,15 @@ def build_graph(plan: Plan, opts: RunOptions) -> tuple[dict, dict[tuple, int]]:
     by_file: dict[int, list] = {fi: [] for fi in layouts}
     by_wave: dict[int, list] = {}
     for p, w in zip(pieces, waves):
+        f = plan.files[p.file]
+        wkey = ("write", p.file, p.index, p.band)
+        write_bytes[wkey] = p.node.nbytes
+        by_file[p.file].append(wkey)
+        by_wave.setdefault(w, []).append(wkey)
+        if fused:
+            dsk[wkey] = (_compute_and_write, f.format, _target(plan, f), layouts[p.file], p.index, p.offset,
+                         root, p.node, ("create", p.file))
+            continue
         for n in toposort([p.node]):
             key = ("node", n.key)
             if key in dsk:
@@ -212,15 +229,11 @@ def build_graph(plan: Plan, opts: RunOptions) -> tuple[dict, dict[tuple, int]]:
                     dsk[key] = (run_node, root, n.op, n.arg)
             else:
                 dsk[key] = (run_node, root, n.op, n.arg) + tuple(("node", s.key) for s in n.src)
-        f = plan.files[p.file]
-        wkey = ("write", p.file, p.index, p.band)
         dsk[wkey] = (_write, f.format, _target(plan, f), layouts[p.file], p.index, p.offset,
                      ("node", p.node.key), ("create", p.file))
-        write_bytes[wkey] = p.node.nbytes
-        by_file[p.file].append(wkey)
-        by_wave.setdefault(w, []).append(wkey)
-    for w, keys in by_wave.items():
-        dsk[("wave", w)] = (_barrier, keys)
+    if not fused:
+        for w, keys in by_wave.items():
+            dsk[("wave", w)] = (_barrier, keys)
     finish_keys = []
     for fi, keys in by_file.items():
         f = plan.files[fi]
@@ -254,12 +267,13 @@ class _ProgressCallback(Callback):
 def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
     """Execute ``plan``: preflight, then every piece on the chosen scheduler; temp files removed on failure."""
     preflight(plan, opts)
-    dsk, write_bytes = build_graph(plan, opts)
+    distributed = opts.scheduler not in ("threads", "sync")
+    dsk, write_bytes = build_graph(plan, opts, fused=distributed)
     os.makedirs(plan.target_root, exist_ok=True)
     progress = Progress(sum(write_bytes.values()), enabled=opts.progress)
     start = time.monotonic()
     try:
-        if opts.scheduler in ("threads", "sync"):
+        if not distributed:
             get = dask.get if opts.scheduler == "sync" else dask.threaded.get
             kwargs = {} if opts.scheduler == "sync" else {"num_workers": opts.num_workers}
             with _ProgressCallback(progress, write_bytes):

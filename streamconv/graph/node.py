@@ -29,7 +29,7 @@ class Op(str, Enum):
     VIEW = "view"                    # reinterpret the row-major element order as another shape
     TRANSPOSE = "transpose"          # swap two dims
     CAST = "cast"                    # dtype conversion (round-to-nearest-even as torch does)
-    DEQUANT_FP8_BLOCK = "dequant_fp8_block"  # DeepSeek FP8: float32(w) * scale_inv[block] -> dtype
+    DEQUANT_FP8_BLOCK = "dequant_fp8_block"  # block-scaled FP8: float32(w) * scale_inv[block] -> dtype
 
 
 # --- argument types -------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Graph rewrites.  :func:`narrow` pushes a range restriction down to the reads.
 
-Why: an output tensor bigger than the memory budget (the 1.85 GB embedding of DeepSeek-V3, a grouped-GEMM
+Why: an output tensor bigger than the memory budget (a 1.85 GB vocabulary embedding, a grouped-GEMM
 ``weight1`` of 32 experts) is produced in bands of rows.  Pushing the band down turns "read the whole tensor,
 then slice" into "read only these rows", so a band costs its own bytes.  Where an op cannot pass a
 restriction through (a column range of a read: rows are stored whole), the rule stops and slices the

@@ -1,7 +1,7 @@
 """Megatron parallel layout: rank directories, pipeline placement of layer slots, expert ranges.
 
 Everything here is a pure function of sizes (no I/O, no model knowledge), so it is table-tested.
-Spec: ``deepseek_v3_mindspeed.md`` §2.1 (directory names), §4.3 (PP placement), §3.6/§4.6 (experts).
+Megatron naming: ``get_checkpoint_name`` (directory names); placement as the MindSpeed-LLM converters do it.
 """
 
 from __future__ import annotations

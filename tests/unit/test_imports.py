@@ -167,12 +167,7 @@ def test_execute_and_loader_never_reach_models_transitively(mod):
 
 # Known violations of the strict "no model names" rule, all in docstrings/comments.  strict=True: once a
 # module is cleaned this test XPASSes and fails, so remove its entry.
-KNOWN_MODEL_NAMES = {
-    "streamconv.graph.node": "comment on DEQUANT_FP8_BLOCK says 'DeepSeek FP8'",
-    "streamconv.graph.rewrite": "module docstring cites 'the 1.85 GB embedding of DeepSeek-V3'",
-    "streamconv.layout.parallel": "module docstring cites the spec file deepseek_v3_mindspeed.md",
-    "streamconv.execute.dequant": "module docstring: 'bit-exact with DeepSeek's rule', 'DeepSeek's weight_dequant'",
-}
+KNOWN_MODEL_NAMES: dict[str, str] = {}
 
 
 def _no_model_params():
