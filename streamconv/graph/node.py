@@ -158,8 +158,12 @@ def arg_from_json(op: Op, obj: dict) -> object:
 
 
 def _tupled(v):
+    # Arguments hold only strings, integers and (nested) tuples of them: a float or bool from an edited plan
+    # would hash differently from the integer it resembles and fail only when data is computed.
     if isinstance(v, list):
         return tuple(_tupled(x) for x in v)
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise GraphError(f"argument value {v!r} is not an integer or string")
     return v
 
 

@@ -76,5 +76,7 @@ def place_layers(num_layers: int, pp: int) -> list[LayerSlot]:
 
 def expert_range(ep_rank: int, ep: int, num_experts: int) -> range:
     """Global experts held by EP rank ``ep_rank``: a contiguous block of E/EP (spec §3.6)."""
+    if num_experts % ep:
+        raise ValidationError(f"--target-expert-parallel-size {ep} does not divide the {num_experts} experts.")
     n = num_experts // ep
     return range(ep_rank * n, (ep_rank + 1) * n)

@@ -302,6 +302,8 @@ TAMPERED = [
     ("arg-out-of-range", lambda o: _node(o, "slice")["arg"].__setitem__("offsets", [5, 0])),
     ("root-out-of-range", lambda o: o.__setitem__("roots", [len(o["nodes"])])),
     ("root-negative", lambda o: o.__setitem__("roots", [-1])),
+    ("arg-float-offset", lambda o: _node(o, "slice")["arg"].__setitem__("offsets", [0.0, 0])),
+    ("arg-bool-dim", lambda o: _node(o, "cat")["arg"].__setitem__("dim", False)),
 ]
 
 

@@ -84,6 +84,11 @@ def test_expert_ranges_cover_every_expert_once(experts, ep):
     assert all(r.step == 1 for r in ranges)
 
 
+def test_expert_range_refuses_uneven_split():
+    with pytest.raises(ValidationError, match="does not divide the 10 experts"):
+        expert_range(0, 4, 10)
+
+
 def test_expert_range_values():
     assert expert_range(3, 8, 256) == range(96, 128)
     assert expert_range(0, 4, 8) == range(0, 2)
