@@ -35,6 +35,7 @@ from ..graph.rewrite import narrow
 from ..plan.plan import OutputFile, Plan
 from ..plan.sources import header_digest
 from ..storage import fileio
+from . import copy as fastcopy
 from . import writers
 from .kernels import materialize, run_node
 from .progress import Progress
@@ -156,7 +157,7 @@ def _read_after(root: str, arg, _barrier) -> object:
 
 
 def _write(fmt: str, path: str, layout, index: int, offset: int, value, _created):
-    return writers.WRITE_PIECE[fmt](path, layout, index, value, offset)
+    return writers.WRITE_PIECE[fmt](path, layout, index, fastcopy.contiguous(value), offset)
 
 
 def _compute_and_write(fmt: str, path: str, layout, index: int, offset: int, root: str, node: Node, _created):

@@ -15,6 +15,7 @@ from .. import types
 from ..graph.node import CastArg, CatArg, DequantArg, Node, Op, ReadArg, SliceArg, TransposeArg, ViewArg
 from ..storage import fileio
 from ..storage.safetensors import bytes_to_tensor
+from . import copy as fastcopy
 from .dequant import dequant_fp8_block
 
 
@@ -35,11 +36,12 @@ def _slice(a: SliceArg, x: torch.Tensor) -> torch.Tensor:
 
 
 def _cat(a: CatArg, *xs: torch.Tensor) -> torch.Tensor:
-    return torch.cat(xs, dim=a.dim)
+    return fastcopy.cat(xs, a.dim)
 
 
 def _view(a: ViewArg, x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(a.shape)  # row-major reinterpretation; copies only when x is a non-contiguous view
+    # Row-major reinterpretation: a contiguous source is viewed in place, anything else copied once first.
+    return fastcopy.contiguous(x).view(a.shape)
 
 
 def _transpose(a: TransposeArg, x: torch.Tensor) -> torch.Tensor:
@@ -84,4 +86,4 @@ def materialize(node: Node, root: str, *, device: str | torch.device = "cpu",
     for n in toposort([node]):
         if n.key not in values:
             values[n.key] = run_node(root, n.op, n.arg, *(values[s.key] for s in n.src))
-    return values[node.key].contiguous().to(device)
+    return fastcopy.contiguous(values[node.key]).to(device)
