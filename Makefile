@@ -36,7 +36,7 @@ plans: venv
 	$(PY) plans/generate.py
 
 bench: venv
-	$(PY) -m benchmarks --size 2GB
+	$(PY) -m pip install --quiet -e '.[bench]' && $(PY) -m benchmarks
 
 clean:
 	rm -rf $(DEMO) bench-out .pytest_cache

@@ -1,5 +1,5 @@
 import sys
 
-from .hf2mcore import main
+from .harness import main
 
 sys.exit(main())

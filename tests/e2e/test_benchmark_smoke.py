@@ -1,0 +1,30 @@
+"""A smoke run of the benchmark harness on tiny checkpoints: every scenario runs and reports its figures
+(the real benchmark is `make bench`, too slow for CI)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /usr/bin/time or getrusage")
+def test_harness_smoke(tmp_path, monkeypatch):
+    from benchmarks import common, harness
+
+    monkeypatch.chdir(ROOT)  # the children run `python -m streamconv` / `-m benchmarks.naive` from here
+    monkeypatch.setattr(common, "drop_caches", lambda: False)  # do not flush the machine's cache in CI
+    monkeypatch.setattr(harness, "drop_caches", lambda: False)
+    assert harness.main(["--smoke", "--work-dir", str(tmp_path)]) == 0
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)["results"]
+    assert [r["scenario"] for r in results] == [s.name for s in harness.SCENARIOS]
+    for r in results:
+        assert r["output_bytes"] > r["input_bytes"] > 0
+        assert r["convert"]["seconds"] > 0 and r["raw_copy"]["seconds"] > 0
+        assert r["convert"]["peak_rss_bytes"] and r["convert"]["peak_rss_bytes"] > 50 * 2**20
+    by_name = {r["scenario"]: r for r in results}
+    # same plan, different worker count: the same files to the byte count
+    assert by_name["fp8"]["output_bytes"] == by_name["fp8-1worker"]["output_bytes"]
