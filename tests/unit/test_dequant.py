@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streamconv.errors import GraphError
+from streamconv.execute import dequant
 from streamconv.execute.dequant import dequant_fp8_block, dequant_reference
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -19,6 +22,21 @@ INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: t
 # bf16 subnormals or underflow to zero, overflow to inf, and non-finite scales
 SCALES = [1.0, 0.5, 2.0 ** -20, 1.2345e-3, 3.0517578125e-05, -0.7, 0.0, -0.0, 2.0 ** -120, 1e-38, 1e-45,
           1.7e38, 3.0e38, 448.0, 7.0, float("inf"), float("-inf"), float("nan")]
+
+
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+@pytest.fixture(scope="module", autouse=True, params=["numba", "numpy"])
+def path(request):
+    """Run every test of this module through both gathers (the public function picks by ``HAVE_NUMBA``).
+    Module-scoped and restored by hand, not with monkeypatch: hypothesis refuses function-scoped fixtures."""
+    if request.param == "numba" and not dequant.HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    saved = dequant.HAVE_NUMBA
+    dequant.HAVE_NUMBA = request.param == "numba"
+    yield request.param
+    dequant.HAVE_NUMBA = saved
 
 
 def plain(w: torch.Tensor, s: torch.Tensor, block=(128, 128), origin=(0, 0), dtype=torch.bfloat16):
@@ -160,3 +178,14 @@ def test_e5m2_big(big):
     w = w8.view(torch.uint8).view(torch.float8_e5m2)
     part, sb, origin = _piece(w, s, 50, 299, 3, 388)
     assert_bits(dequant_fp8_block(part, sb, origin=origin), plain(w, s)[50:299, 3:388])
+
+
+def test_scale_grid_too_small_raises():
+    w = codes(torch.float8_e4m3fn, 130, 70)
+    with pytest.raises(GraphError, match=r"expected at least 2x1, got \(1, 1\)"):
+        dequant_fp8_block(w, torch.ones(1, 1))
+    with pytest.raises(GraphError, match="expected at least 2x2"):
+        dequant_fp8_block(w, torch.ones(2, 1), origin=(0, 100))
+    with pytest.raises(GraphError, match="origin >= 0"):
+        dequant_fp8_block(w, torch.ones(2, 1), origin=(-1, 0))
+
