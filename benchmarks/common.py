@@ -79,7 +79,9 @@ os.remove({out_path!r})
 
 
 def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    """Bytes of the checkpoint files under ``path`` (the run journal excluded: its timestamps vary)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+               if not f.startswith(".streamconv"))
 
 
 def save_json(path: str, obj) -> None:

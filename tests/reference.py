@@ -395,10 +395,14 @@ def reference_hf_to_mcore(
 
 def load_mcore_dir(save_dir):
     """Every file under ``save_dir`` keyed by relative path: ``.pt`` files loaded with
-    ``torch.load(weights_only=True)``, anything else as raw bytes (so stray files show up)."""
+    ``torch.load(weights_only=True)``, anything else as raw bytes (so stray files show up).  streamconv's
+    run journal (``.streamconv_journal.jsonl``, bookkeeping for resume and verify) is not part of the
+    checkpoint and is skipped."""
     files = {}
     for root, _dirs, names in os.walk(save_dir):
         for name in names:
+            if name == ".streamconv_journal.jsonl":
+                continue
             path = os.path.join(root, name)
             rel = os.path.relpath(path, save_dir).replace(os.sep, "/")
             if name.endswith(".pt"):

@@ -33,6 +33,14 @@ def register(sub) -> None:
     ch.add_argument("--plan-output", help="also save the plan JSON here")
     ch.set_defaults(func=cmd_convert)
 
+    v = sub.add_parser("verify", help="check written outputs: sizes, checksums, tensors re-derived from the source")
+    v.add_argument("path", help="plan JSON (full checks), or a save dir written by streamconv (journal checks)")
+    v.add_argument("--sample", type=int, default=None, metavar="N", help="checksum only N random files")
+    v.add_argument("--rederive", type=int, default=0, metavar="K",
+                   help="re-compute K random tensors from the source and compare bytes (plan only)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random choices")
+    v.set_defaults(func=cmd_verify)
+
     i = sub.add_parser("inspect", help="show a plan, an HF checkpoint or an mcore checkpoint as a table")
     i.add_argument("path", help="plan JSON, HF checkpoint directory, or mcore save dir")
     i.add_argument("--tensors", action="store_true", help="list every tensor (shape, dtype, bytes)")
@@ -74,6 +82,22 @@ def cmd_convert(args) -> int:
     if args.plan_output and not args.dry_run:
         plan.save(args.plan_output)
     return _execute(plan, args)
+
+
+def cmd_verify(args) -> int:
+    from ..execute.verify import verify_dir, verify_plan
+
+    if os.path.isfile(args.path):
+        rep = verify_plan(Plan.load(args.path), sample=args.sample, rederive=args.rederive, seed=args.seed)
+    elif os.path.isdir(args.path):
+        rep = verify_dir(args.path)
+    else:
+        raise StreamconvError(f"{args.path}: no such plan file or directory.")
+    for p in rep.problems:
+        print(f"FAIL {p}")
+    print(f"{'ok' if rep.ok else 'FAILED'}: {rep.files} files, {rep.records} tensor checksums, "
+          f"{rep.rederived} tensors re-derived, {len(rep.problems)} problems")
+    return 0 if rep.ok else 1
 
 
 def cmd_inspect(args) -> int:

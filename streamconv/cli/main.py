@@ -4,6 +4,7 @@
     streamconv plan     hf2mcore --load-dir HF --save-dir OUT -o plan.json  compile a plan (headers only)
     streamconv run      plan.json                                          execute a saved plan
     streamconv convert  hf2mcore --load-dir HF --save-dir OUT ...          plan and run in one step
+    streamconv verify   plan.json | MCORE_DIR [--rederive K]             checksums; tensors re-derived
     streamconv inspect  plan.json | HF_DIR | MCORE_DIR                     tables of files, tensors, bytes
 
 Errors a user can cause print one line (what, where, the fix) and exit with status 2.

@@ -36,7 +36,7 @@ from ..plan.plan import OutputFile, Plan
 from ..plan.sources import header_digest
 from ..storage import fileio
 from . import copy as fastcopy
-from . import writers
+from . import journal, writers
 from .kernels import materialize, run_node
 from .progress import Progress
 
@@ -75,8 +75,10 @@ class RunResult:
 
 # --- preflight -------------------------------------------------------------------------------------------------
 
-def preflight(plan: Plan, opts: RunOptions) -> None:
-    """Every check that can fail before a byte is written: sources unchanged, target usable, space enough."""
+def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None) -> None:
+    """Every check that can fail before a byte is written: sources unchanged, target usable, space enough.
+
+    ``done``: files a previous run of this plan completed (resume); None when there is nothing to resume."""
     problems = []
     for s in plan.source_files:
         path = os.path.join(plan.source_root, s.name)
@@ -91,13 +93,15 @@ def preflight(plan: Plan, opts: RunOptions) -> None:
     root = plan.target_root
     if os.path.exists(root) and not os.path.isdir(root):
         problems.append(f"{root}: target exists and is not a directory.")
-    elif os.path.isdir(root) and os.listdir(root) and not opts.overwrite:
-        problems.append(f"{root}: output directory is not empty. Choose an empty --save-dir or pass --overwrite.")
+    elif os.path.isdir(root) and os.listdir(root) and not opts.overwrite and done is None:
+        other = " (it holds the output of a different plan)" if os.path.exists(journal.path_of(root)) else ""
+        problems.append(f"{root}: output directory is not empty{other}. Choose an empty --save-dir or pass "
+                        f"--overwrite.")
     probe = root
     while not os.path.exists(probe):
         probe = os.path.dirname(probe) or "."
     free = shutil.disk_usage(probe).free
-    need = plan.nbytes
+    need = sum(f.nbytes for f in plan.files if f.path not in (done or {}))
     if need > free:
         problems.append(f"{root}: the plan writes {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free. "
                         f"Free space or choose another --save-dir.")
@@ -168,14 +172,18 @@ def _barrier(_done) -> None:
     return None
 
 
-def _finish(fmt: str, path: str, layout, pieces) -> str:
-    writers.FINISH[fmt](path, layout, pieces)
+def _finish(fmt: str, root: str, rel: str, layout, pieces) -> str:
+    path = os.path.join(root, *rel.split("/"))
+    crcs = writers.FINISH[fmt](path, layout, pieces)
+    journal.record_file(root, rel, os.path.getsize(path), crcs)
     return path
 
 
-def _text(path: str, text: str, _finished) -> str:
+def _text(root: str, rel: str, text: str, _finished) -> str:
+    path = os.path.join(root, *rel.split("/"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fileio.atomic_write_bytes(path, text.encode())
+    journal.record_file(root, rel, len(text.encode()), [journal.text_crc(text)])
     return path
 
 
@@ -186,18 +194,21 @@ def _create(fmt: str, path: str, layout) -> None:
 
 # --- the graph ------------------------------------------------------------------------------------------------------
 
-def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False) -> tuple[dict, dict[tuple, int]]:
+def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
+                skip: frozenset[str] = frozenset()) -> tuple[dict, dict[tuple, int]]:
     """The raw Dask graph of a plan, and the byte count of each write task (for progress).
 
     ``fused``: one task per piece that computes its whole graph and writes it (for dask.distributed, where a
     task costs milliseconds and intermediate tensors would cross the network; workers then hold nothing
-    between tasks, so no waves are needed).  Otherwise one task per graph node, shared reads run once."""
+    between tasks, so no waves are needed).  Otherwise one task per graph node, shared reads run once.
+    Files in ``skip`` (completed by an earlier run) get no tasks."""
     dsk: dict = {}
-    pieces = plan_pieces(plan, min(opts.band_bytes, max(opts.max_memory // 8, 1)))
+    pieces = [p for p in plan_pieces(plan, min(opts.band_bytes, max(opts.max_memory // 8, 1)))
+              if plan.files[p.file].path not in skip]
     waves, first_read_wave = assign_waves(pieces, max(opts.max_memory // 3, 1))
     layouts = {}
     for fi, f in enumerate(plan.files):
-        if f.format == "text":
+        if f.format == "text" or f.path in skip:
             continue
         if f.format not in writers.LAYOUTS:
             raise PlanError(f"{f.path}: output format {f.format!r} is not supported by this executor.")
@@ -238,12 +249,12 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False) -> tuple[d
     finish_keys = []
     for fi, keys in by_file.items():
         f = plan.files[fi]
-        dsk[("finish", fi)] = (_finish, f.format, _target(plan, f), layouts[fi], keys)
+        dsk[("finish", fi)] = (_finish, f.format, plan.target_root, f.path, layouts[fi], keys)
         finish_keys.append(("finish", fi))
     text_keys = []
     for fi, f in enumerate(plan.files):
-        if f.format == "text":
-            dsk[("text", fi)] = (_text, _target(plan, f), f.text or "", finish_keys)
+        if f.format == "text" and f.path not in skip:
+            dsk[("text", fi)] = (_text, plan.target_root, f.path, f.text or "", finish_keys)
             text_keys.append(("text", fi))
     dsk["done"] = (_barrier, text_keys + finish_keys)
     return dsk, write_bytes
@@ -266,11 +277,22 @@ class _ProgressCallback(Callback):
 
 
 def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
-    """Execute ``plan``: preflight, then every piece on the chosen scheduler; temp files removed on failure."""
-    preflight(plan, opts)
+    """Execute ``plan``: preflight, then every piece on the chosen scheduler; temp files removed on failure.
+
+    Resumable: when the target holds the journal of a run of this same plan, files it completed (present
+    at their journaled size) are skipped and the rest are written again; the result is byte-identical to an
+    uninterrupted run, because every file's layout is fixed by the plan."""
+    digest = journal.plan_digest(plan)
+    done = journal.completed(plan.target_root, digest) if os.path.isdir(plan.target_root) else None
+    preflight(plan, opts, done)
+    if done:
+        log.info("resuming: %d of %d files already complete", len(done), len(plan.files))
     distributed = opts.scheduler not in ("threads", "sync")
-    dsk, write_bytes = build_graph(plan, opts, fused=distributed)
+    dsk, write_bytes = build_graph(plan, opts, fused=distributed, skip=frozenset(done or ()))
     os.makedirs(plan.target_root, exist_ok=True)
+    if done is None and os.path.exists(journal.path_of(plan.target_root)):
+        os.remove(journal.path_of(plan.target_root))  # --overwrite of another plan's output: start afresh
+    journal.start(plan.target_root, digest)
     progress = Progress(sum(write_bytes.values()), enabled=opts.progress)
     start = time.monotonic()
     try:
@@ -287,7 +309,7 @@ def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
     finally:
         progress.close()
     seconds = time.monotonic() - start
-    total = plan.nbytes
+    total = sum(write_bytes.values())
     log.info("wrote %d files, %.2f GB in %.1f s (%.2f GB/s)", len(plan.files), total / 1e9, seconds,
              total / 1e9 / max(seconds, 1e-9))
     return RunResult(len(plan.files), total, seconds)

@@ -346,8 +346,9 @@ def write_piece(path: str, layout: TorchZipLayout, index: int, data: torch.Tenso
     return index, offset, len(raw), crc
 
 
-def finish(path: str, layout: TorchZipLayout, pieces: Iterable[Piece]) -> None:
+def finish(path: str, layout: TorchZipLayout, pieces: Iterable[Piece]) -> list[int]:
     """Check that ``pieces`` cover every entry exactly, write headers and pickle, fsync, rename into place.
+    Returns each entry's CRC32 (the run journal records them; ``verify`` re-computes them).
 
     Exact duplicate pieces (a retried task) count once. Raises :class:`ValidationError` naming every tensor
     with a gap or an overlap; the temporary file is then left as it is.
@@ -370,6 +371,7 @@ def finish(path: str, layout: TorchZipLayout, pieces: Iterable[Piece]) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fileio.fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return crcs
 
 
 def _open_temp(path: str, flags: int) -> int:
