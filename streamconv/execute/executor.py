@@ -14,7 +14,8 @@ raw (a dict of tasks, as dask's spec describes), keyed by content:
 
 Memory is bounded in the graph itself, so it holds on any scheduler: pieces are grouped, in the plan's write
 order, into waves of at most ~``max_memory / 3`` bytes, and every read first needed by wave w also depends
-on barrier w-2.  At most two waves (plus one piece per worker) are in flight.  Writers accept pieces in
+on barrier w-2, which completes when every write of waves <= w-2 is done.  At most two waves (plus one piece
+per worker) are in flight.  Writers accept pieces in
 any order, so no task ever gathers a whole file.
 """
 
@@ -128,7 +129,9 @@ def plan_pieces(plan: Plan, band_bytes: int) -> list[Piece]:
             for b, r0 in enumerate(range(0, rows, step)):
                 r1 = min(rows, r0 + step)
                 pieces.append(Piece(fi, ti, b, r0 * row_bytes, narrow(node, 0, r0, r1), t.seq))
-    pieces.sort(key=lambda p: (p.seq, p.band))
+    # Tensors sharing a write-order number are replicas or slices of the same sources: interleave their
+    # bands (band 0 of every file, then band 1...) so each shared source value is consumed while it is fresh.
+    pieces.sort(key=lambda p: (p.seq, p.band, p.file))
     return pieces
 
 
@@ -244,8 +247,10 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
         dsk[wkey] = (_write, f.format, _target(plan, f), layouts[p.file], p.index, p.offset,
                      ("node", p.node.key), ("create", p.file))
     if not fused:
-        for w, keys in by_wave.items():
-            dsk[("wave", w)] = (_barrier, keys)
+        # Barriers are cumulative (wave w also waits for barrier w-1): "reads of wave w wait for barrier
+        # w-2" must mean every earlier write is done, or one late write can pin old values indefinitely.
+        for w, keys in sorted(by_wave.items()):
+            dsk[("wave", w)] = (_barrier, keys + ([("wave", w - 1)] if w else []))
     finish_keys = []
     for fi, keys in by_file.items():
         f = plan.files[fi]
@@ -282,6 +287,7 @@ def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
     Resumable: when the target holds the journal of a run of this same plan, files it completed (present
     at their journaled size) are skipped and the rest are written again; the result is byte-identical to an
     uninterrupted run, because every file's layout is fixed by the plan."""
+    fileio.release_large_allocations()
     digest = journal.plan_digest(plan)
     done = journal.completed(plan.target_root, digest) if os.path.isdir(plan.target_root) else None
     preflight(plan, opts, done)

@@ -34,7 +34,7 @@ class OutputTensor:
     group: str         # top-level container in the file ("model" for Megatron; "" for flat formats)
     name: str
     node: Node
-    seq: int           # global write order; outputs that share sources have neighbouring numbers
+    seq: int           # write-order group: tensors that share sources (replicas, TP slices) share a number
 
     @property
     def nbytes(self) -> int:

@@ -40,17 +40,16 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes,
         raise ValidationError([f"{n}: present in the source but consumed by no output and not declared "
                                f"dropped. This is a bug in the model table; please report it." for n in leftover])
 
-    # Global write order: stage by stage, key position by key position, across the stage's rank files,
-    # so outputs that share a source tensor (replicas, TP slices) are written one after another.
+    # Write order: stage by stage, key position by key position.  The same key position in every rank
+    # file of a stage gets the same number: those tensors are replicas or TP/EP slices of the same source
+    # tensors, and the executor writes them band by band together, so a shared source is read once and
+    # released at once.
+    groups = sorted({(r.pp_rank, pos) for r, tensors in per_rank.items() for pos in range(len(tensors))})
+    seq_of = {g: i for i, g in enumerate(groups)}
     files: list[OutputFile] = []
-    order = []
-    for file_idx, (r, tensors) in enumerate(per_rank.items()):
-        for pos in range(len(tensors)):
-            order.append((r.pp_rank, pos, file_idx))
-    seq_of = {k: i for i, k in enumerate(sorted(order))}
-    for file_idx, (r, tensors) in enumerate(per_rank.items()):
+    for r, tensors in per_rank.items():
         path = f"{iter_dir(ITERATION)}/{rank_dir(r, sizes)}/{RANK_FILE}"
-        out = tuple(OutputTensor(t.group, t.name, t.node, seq_of[(r.pp_rank, pos, file_idx)])
+        out = tuple(OutputTensor(t.group, t.name, t.node, seq_of[(r.pp_rank, pos)])
                     for pos, t in enumerate(tensors))
         _check_unique(path, out)
         files.append(OutputFile(path, "megatron_pt", out,
