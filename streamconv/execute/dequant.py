@@ -111,16 +111,22 @@ def _tables(values: torch.Tensor, scale: torch.Tensor, b0: int, b1: int, dtype: 
     return lut.view(_int_view(dtype)).numpy()
 
 
+def _prepare(w, scale, dtype):
+    """What both paths start from: the output (torch and integer numpy views), the fp8 codes as uint8, the
+    float32 value of each code, float32 scales.  ``codes`` is None for an empty weight."""
+    rows, cols = w.shape
+    out, out_np = _empty(rows, cols, dtype)
+    codes = w.contiguous().view(torch.uint8).numpy() if rows and cols else None
+    return out, out_np, codes, _VALUES[w.dtype], scale.to(torch.float32)
+
+
 def _dequant_numba(w, scale, *, block, origin, dtype):
     rows, cols = w.shape
     br, bc = block
     r0, c0 = origin
-    values = _VALUES[w.dtype]
-    out, out_np = _empty(rows, cols, dtype)
-    if rows == 0 or cols == 0:
+    out, out_np, codes, values, scale = _prepare(w, scale, dtype)
+    if codes is None:
         return out
-    codes = w.contiguous().view(torch.uint8).numpy()
-    scale = scale.to(torch.float32)
     per_call = max(1, _LUT_ENTRIES // (256 * scale.shape[1]))  # block rows per table
     start = 0
     while start < rows:
@@ -137,12 +143,9 @@ def _dequant_numpy(w, scale, *, block, origin, dtype):
     rows, cols = w.shape
     br, bc = block
     r0, c0 = origin
-    values = _VALUES[w.dtype]
-    out, out_np = _empty(rows, cols, dtype)
-    if rows == 0 or cols == 0:
+    out, out_np, codes, values, scale = _prepare(w, scale, dtype)
+    if codes is None:
         return out
-    codes = w.contiguous().view(torch.uint8).numpy()
-    scale = scale.to(torch.float32)
     # Column c uses scale column (c + c0) // bc; its table row starts at that block's index * 256.
     col_base = (((np.arange(cols) + c0) // bc) * 256).astype(np.int32)
     start = 0
