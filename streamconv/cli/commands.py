@@ -69,7 +69,7 @@ def _execute(plan: Plan, args) -> int:
         return 0
     result = run_plan(plan, opts)
     print(f"wrote {result.files} files, {report.human(result.bytes_written)} to {plan.target_root} "
-          f"in {result.seconds:.1f} s ({result.bytes_written / 1e9 / max(result.seconds, 1e-9):.2f} GB/s)")
+          f"in {result.seconds:.1f} s ({report.human(int(result.bytes_written / max(result.seconds, 1e-9)))}/s)")
     return 0
 
 
