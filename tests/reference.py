@@ -8,9 +8,9 @@ output with it byte for byte::
     expected = reference_hf_to_mcore(hf_dir, tp=2, pp=2, ep=2, moe_grouped_gemm=True, mtp_num_layers=1)
     assert_same_checkpoint(load_mcore_dir(save_dir), expected)
 
-Scope: TP / PP (even split) / EP, grouped GEMM or local experts, MTP, ``num_layers`` truncation and
-the ``first_k_dense_replace`` remap. No VPP, dualpipev, noop layers, num-layer-list, mla-mm-split,
-tp-extend-ep or ETP.
+Scope: TP / PP / EP, grouped GEMM or local experts, MTP, ``num_layers`` truncation, the
+``first_k_dense_replace`` remap, and the layer placements of spec 4.2-4.5: noop layers, num-layer-list,
+VPP and dualpipev (``reference_placement``). No mla-mm-split, tp-extend-ep or ETP.
 
 Only torch, safetensors, json and os are used, on purpose.
 """
@@ -35,7 +35,9 @@ __all__ = [
     "load_hf",
     "load_mcore_dir",
     "rank_dir_name",
+    "reference_final_chunk",
     "reference_hf_to_mcore",
+    "reference_placement",
 ]
 
 
@@ -189,25 +191,153 @@ def _hf_layer_list(num_layers, config_k, k):
     return (list(range(k)) + list(range(config_k, config_k + num_layers)))[:num_layers]
 
 
-def _validate(d, tp, pp, ep, mtp_num_layers, num_layers, k):
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_layout(num_layers, pp, vpp_layers, noop_layers, num_layer_list, dualpipev):
+    """The layout rules of spec 4.2-4.5; raises ValueError listing every problem."""
+    if not _is_int(pp) or pp < 1:
+        raise ValueError(f"pp must be a positive int, got {pp!r}")
+    if not _is_int(num_layers) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    problems = []
+    noop = list(noop_layers)
+    if any(not _is_int(g) for g in noop):
+        problems.append(f"noop_layers must be ints, got {noop!r}")
+    else:
+        if len(set(noop)) != len(noop):
+            problems.append(f"noop_layers has duplicates: {noop}")
+        if any(not 0 <= g < num_layers for g in noop):
+            problems.append(f"noop_layers must be slot indices in 0..{num_layers - 1}, got {noop}")
+        elif len(set(noop)) >= num_layers:
+            problems.append(f"noop_layers {noop} leave no real layer out of num_layers={num_layers}")
+    if vpp_layers is not None and dualpipev:
+        problems.append("vpp_layers and dualpipev are mutually exclusive")
+    if num_layer_list is not None:
+        if vpp_layers is not None or noop or dualpipev:
+            problems.append("num_layer_list is mutually exclusive with vpp_layers, noop_layers and dualpipev")
+        counts = list(num_layer_list)
+        if len(counts) != pp or any(not _is_int(a) or a < 1 for a in counts):
+            problems.append(f"num_layer_list must be {pp} (pp) positive ints, got {counts!r}")
+        elif sum(counts) != num_layers:
+            problems.append(f"num_layer_list {counts} sums to {sum(counts)}, not num_layers={num_layers}")
+    elif dualpipev:
+        if num_layers % (2 * pp):
+            problems.append(f"dualpipev: num_layers {num_layers} not divisible by 2 * pp = {2 * pp}")
+    else:
+        if num_layers % pp:
+            problems.append(f"num_layers {num_layers} not divisible by pp {pp}")
+        elif vpp_layers is not None:
+            if not _is_int(vpp_layers) or vpp_layers < 1:
+                problems.append(f"vpp_layers must be a positive int, got {vpp_layers!r}")
+            elif (num_layers // pp) % vpp_layers:
+                problems.append(
+                    f"vpp_layers {vpp_layers} does not divide num_layers / pp = {num_layers // pp}"
+                )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _chunk_slots(num_layers, pp, vpp_layers, num_layer_list, dualpipev):
+    """``{(pp_rank, chunk): [(local, slot), ...]}`` for every slot, noop slots included (spec 4.3-4.5)."""
+    chunks = {}
+    if num_layer_list is not None:  # 4.3: stage p holds the next a_p layers
+        start = 0
+        for p, count in enumerate(num_layer_list):
+            chunks[(p, 0)] = [(local, start + local) for local in range(count)]
+            start += count
+    elif dualpipev:  # 4.5: model0 walks down, model1 walks back up
+        s = num_layers // (2 * pp)
+        for p in range(pp):
+            down = range(p * s, p * s + s)
+            up = range(num_layers - (p + 1) * s, num_layers - p * s)
+            chunks[(p, 0)] = list(enumerate(down))
+            chunks[(p, 1)] = list(enumerate(up))
+    elif vpp_layers is not None:  # 4.4: chunk c = g // s, pp = c % PP, v = c // PP, local = g % s
+        s = vpp_layers
+        vpp_size = num_layers // pp // s
+        chunks = {(p, v): [] for p in range(pp) for v in range(vpp_size)}
+        for g in range(num_layers):
+            c = g // s
+            chunks[(c % pp, c // pp)].append((g % s, g))
+    else:  # 4.3: even split
+        per = num_layers // pp
+        chunks = {(p, 0): [] for p in range(pp)}
+        for g in range(num_layers):
+            chunks[(g // per, 0)].append((g % per, g))
+    return chunks
+
+
+def reference_placement(
+    num_layers,
+    pp,
+    hf_layers=None,
+    *,
+    vpp_layers=None,
+    noop_layers=(),
+    num_layer_list=None,
+    dualpipev=False,
+):
+    """Where every decoder layer goes: ``{(pp_rank, chunk): [(local_index, hf_index), ...]}`` (spec 4.2-4.5).
+
+    ``num_layers`` is L, noop slots included. ``hf_layers`` is the HF index of each *real* slot in
+    ascending slot order (default ``0..L-|noop|-1``, i.e. HF index = slot - #noop slots below it).
+    ``chunk`` is the VPP / dualpipev model chunk (``modelN``), always 0 otherwise. Every chunk is
+    present, possibly empty; noop slots are left out but keep their local index. Raises ValueError.
+    """
+    _validate_layout(num_layers, pp, vpp_layers, noop_layers, num_layer_list, dualpipev)
+    noop = set(noop_layers)
+    real_slots = [g for g in range(num_layers) if g not in noop]
+    if hf_layers is None:
+        hf_layers = list(range(len(real_slots)))
+    if len(hf_layers) != len(real_slots):
+        raise ValueError(f"{len(hf_layers)} HF layers for {len(real_slots)} real slots")
+    hf_of_slot = dict(zip(real_slots, hf_layers))
+    placement = {}
+    for key, slots in _chunk_slots(num_layers, pp, vpp_layers, num_layer_list, dualpipev).items():
+        placement[key] = [(local, hf_of_slot[g]) for local, g in slots if g not in noop]
+    return placement
+
+
+def reference_final_chunk(num_layers, pp, *, vpp_layers=None, dualpipev=False):
+    """``(pp_rank, chunk)`` holding final norm, output_layer and MTP (spec 3.1, 3.7, 4.4, 4.5)."""
+    if dualpipev:
+        return (0, 1)
+    if vpp_layers is not None:
+        return (pp - 1, num_layers // pp // vpp_layers - 1)
+    return (pp - 1, 0)
+
+
+def _validate(d, tp, pp, ep, mtp_num_layers, num_real, k, dualpipev, k_given):
     problems = []
     for flag, value in (("tp", tp), ("pp", pp), ("ep", ep)):
-        if not isinstance(value, int) or value < 1:
+        if not _is_int(value) or value < 1:
             problems.append(f"{flag} must be a positive int, got {value!r}")
     if problems:
         raise ValueError("; ".join(problems))
-    if not 1 <= num_layers <= d.num_hf_layers:
-        problems.append(f"num_layers must be in 1..{d.num_hf_layers}, got {num_layers}")
-    if not 0 <= k <= d.first_k_dense:
+    if num_real > d.num_hf_layers:
+        problems.append(
+            f"num_layers minus noop layers = {num_real} real layers, more than the {d.num_hf_layers} HF layers"
+        )
+    if dualpipev:
+        # Spec 4.2 / 10.6: the reference ignores the K' remap under dualpipev. Rather than silently
+        # ignoring a request for it, the oracle refuses any value other than the config's K.
+        if k_given != d.first_k_dense:
+            problems.append(
+                f"first_k_dense_replace {k_given} is not supported with dualpipev (the remap is not applied"
+                f" there); pass None or the config value {d.first_k_dense}"
+            )
+        if tp > 1:
+            problems.append("dualpipev with tp > 1 needs moe-tp-extend-ep, which the reference does not implement")
+    elif not 0 <= k <= d.first_k_dense:
         problems.append(f"first_k_dense_replace must be in 0..{d.first_k_dense} (config), got {k}")
-    elif k + (d.num_hf_layers - d.first_k_dense) < num_layers:
-        problems.append(f"first_k_dense_replace {k} leaves fewer than num_layers={num_layers} HF layers")
+    elif k + (d.num_hf_layers - d.first_k_dense) < num_real:
+        problems.append(f"first_k_dense_replace {k} leaves fewer than num_layers={num_real} HF layers")
     if not 0 <= mtp_num_layers <= d.num_mtp:
         problems.append(
             f"mtp_num_layers must be in 0..{d.num_mtp} (num_nextn_predict_layers), got {mtp_num_layers}"
         )
-    if num_layers % pp:
-        problems.append(f"num_layers {num_layers} not divisible by pp {pp}")
     if d.experts % ep:
         problems.append(f"n_routed_experts {d.experts} not divisible by ep {ep}")
     by_tp = {
@@ -307,25 +437,24 @@ def _layer(hf, d, hf_index, dst, is_dense, tp, t, ep, e, grouped_gemm):
     return out
 
 
-def _rank_state_dict(hf, d, *, tp, t, pp, p, ep, e, grouped_gemm, mtp_num_layers, hf_layers, k):
+def _chunk_state_dict(hf, d, *, tp, t, ep, e, grouped_gemm, mtp_num_layers, layers, k, embedding, final):
+    """One model chunk of one rank. ``layers``: [(local, hf_index)]; ``embedding``: None, "main" (the
+    first chunk) or "mtp" (the MTP chunk's own copy, spec 3.7); ``final``: final norm, output_layer, MTP."""
     items = []
-    last = p == pp - 1
-    if p == 0:
+    if embedding == "main":
         items.append(("embedding.word_embeddings.weight", _chunk(hf["model.embed_tokens.weight"], tp, 0, t)))
-    elif last and mtp_num_layers:
-        # Spec 3.7: the MTP stage gets its own embedding copy, from the HF MTP layer (module 0).
+    elif embedding == "mtp":
+        # Spec 3.7: the MTP chunk gets its own embedding copy, from the HF MTP layer (module 0).
         mtp_embed = hf[f"model.layers.{d.num_hf_layers}.embed_tokens.weight"]
         items.append(("embedding.word_embeddings.weight", _chunk(mtp_embed, tp, 0, t)))
-    per_stage = len(hf_layers) // pp
-    for local in range(per_stage):
-        hf_index = hf_layers[p * per_stage + local]
+    for local, hf_index in layers:
         items += _layer(hf, d, hf_index, f"decoder.layers.{local}.", hf_index < k, tp, t, ep, e, grouped_gemm)
-    if last:
+    if final:
         norm_key = "final_layernorm.weight" if mtp_num_layers else "decoder.final_layernorm.weight"
         items.append((norm_key, hf["model.norm.weight"]))
         items.append(("output_layer.weight", _chunk(hf["lm_head.weight"], tp, 0, t)))
         for m in range(mtp_num_layers):
-            hf_index = d.num_hf_layers + m
+            hf_index = d.num_hf_layers + m  # config num_hidden_layers + m, whatever num_layers / noop are
             src = f"model.layers.{hf_index}."
             dst = f"mtp.layers.{m}."
             items.append((dst + "enorm.weight", hf[src + "enorm.weight"]))
@@ -351,20 +480,42 @@ def reference_hf_to_mcore(
     mtp_num_layers=0,
     num_layers=None,
     first_k_dense_replace=None,
+    vpp_layers=None,
+    noop_layers=(),
+    num_layer_list=None,
+    dualpipev=False,
 ):
     """Every file of the mcore checkpoint, keyed by path relative to the save dir.
 
     ``"latest_checkpointed_iteration.txt"`` maps to ``b"1"``; each
     ``"iter_0000001/<rank dir>/model_optim_rng.pt"`` maps to
-    ``{"model": OrderedDict, "checkpoint_version": 3.0, "iteration": 1}``.
-    Raises ValueError for sizes that do not divide and out-of-range options.
+    ``{"model": OrderedDict, "checkpoint_version": 3.0, "iteration": 1}``, or with ``vpp_layers`` /
+    ``dualpipev`` to ``{"checkpoint_version": 3.0, "iteration": 1, "model0": ..., "model{v-1}": ...}``.
+
+    ``num_layers`` is L (default config ``num_hidden_layers``) and counts the ``noop_layers`` slots.
+    ``vpp_layers`` is ``--num-layers-per-virtual-pipeline-stage``, ``num_layer_list`` the PP layer
+    counts, ``dualpipev`` ``--schedules-method dualpipev``; placement is ``reference_placement``.
+    Under dualpipev the ``first_k_dense_replace`` remap is not applied (spec 4.2, 10.6), so any value
+    other than the config's is refused, as is tp > 1 (it needs moe-tp-extend-ep).
+    Raises ValueError for sizes that do not divide and out-of-range or conflicting options.
     """
     config, hf = load_hf(hf_dir)
     d = _Dims(config)
     num_layers = d.num_hf_layers if num_layers is None else num_layers
-    k = d.first_k_dense if first_k_dense_replace is None else first_k_dense_replace
-    _validate(d, tp, pp, ep, mtp_num_layers, num_layers, k)
-    hf_layers = _hf_layer_list(num_layers, d.first_k_dense, k)
+    noop_layers = tuple(noop_layers)
+    k_given = d.first_k_dense if first_k_dense_replace is None else first_k_dense_replace
+    k = d.first_k_dense if dualpipev else k_given
+    _validate_layout(num_layers, pp, vpp_layers, noop_layers, num_layer_list, dualpipev)
+    num_real = num_layers - len(noop_layers)
+    _validate(d, tp, pp, ep, mtp_num_layers, num_real, k, dualpipev, k_given)
+    hf_layers = _hf_layer_list(num_real, d.first_k_dense, k)  # identity under dualpipev (k == K)
+    placement = reference_placement(
+        num_layers, pp, hf_layers, vpp_layers=vpp_layers, noop_layers=noop_layers,
+        num_layer_list=num_layer_list, dualpipev=dualpipev,
+    )
+    final_chunk = reference_final_chunk(num_layers, pp, vpp_layers=vpp_layers, dualpipev=dualpipev)
+    chunked = vpp_layers is not None or dualpipev
+    num_chunks = max(v for _, v in placement) + 1
 
     expected = {}
     for i in hf_layers:
@@ -380,12 +531,27 @@ def reference_hf_to_mcore(
     for p in range(pp):
         for t in range(tp):
             for e in range(ep):
-                state = _rank_state_dict(
-                    hf, d, tp=tp, t=t, pp=pp, p=p, ep=ep, e=e, grouped_gemm=moe_grouped_gemm,
-                    mtp_num_layers=mtp_num_layers, hf_layers=hf_layers, k=k,
-                )
+                chunks = []
+                for v in range(num_chunks):
+                    if (p, v) == (0, 0):
+                        embedding = "main"
+                    elif (p, v) == final_chunk and mtp_num_layers and pp > 1:
+                        embedding = "mtp"
+                    else:
+                        embedding = None
+                    chunks.append(_chunk_state_dict(
+                        hf, d, tp=tp, t=t, ep=ep, e=e, grouped_gemm=moe_grouped_gemm,
+                        mtp_num_layers=mtp_num_layers, layers=placement[(p, v)], k=k,
+                        embedding=embedding, final=(p, v) == final_chunk,
+                    ))
                 path = f"{ITER_DIR}/{rank_dir_name(t, p, e, pp, ep)}/{RANK_FILE}"
-                files[path] = {"model": state, "checkpoint_version": 3.0, "iteration": 1}
+                if chunked:
+                    obj = {"checkpoint_version": 3.0, "iteration": 1}
+                    for v, chunk_state in enumerate(chunks):
+                        obj[f"model{v}"] = chunk_state
+                else:
+                    obj = {"model": chunks[0], "checkpoint_version": 3.0, "iteration": 1}
+                files[path] = obj
     return files
 
 

@@ -17,7 +17,7 @@ from ..storage import torchzip
 
 def pt_layout(f: OutputFile) -> torchzip.TorchZipLayout:
     entries = [torchzip.PtEntry(t.group, t.name, t.node.dtype, tuple(t.node.shape)) for t in f.tensors]
-    return torchzip.compute_layout(entries, list(f.attrs))
+    return torchzip.compute_layout(entries, list(f.attrs), groups=f.groups)
 
 
 LAYOUTS = {"megatron_pt": pt_layout}

@@ -65,15 +65,6 @@ def rank_files(sizes: ParallelSizes) -> list[RankFile]:
     return [RankFile(t, p, e) for p in range(sizes.pp) for e in range(sizes.ep) for t in range(sizes.tp)]
 
 
-def place_layers(num_layers: int, pp: int) -> list[LayerSlot]:
-    """Even pipeline split: slot g goes to stage g // (L/PP) with local index g mod (L/PP) (spec §4.3)."""
-    if num_layers % pp:
-        raise ValidationError(f"--num-layers {num_layers} is not divisible by --target-pipeline-parallel-size {pp}. "
-                              f"Choose a pipeline size that divides the layer count.")
-    per = num_layers // pp
-    return [LayerSlot(g, g // per, "model", g % per) for g in range(num_layers)]
-
-
 def expert_range(ep_rank: int, ep: int, num_experts: int) -> range:
     """Global experts held by EP rank ``ep_rank``: a contiguous block of E/EP (spec §3.6)."""
     if num_experts % ep:

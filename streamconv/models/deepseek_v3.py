@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from ..errors import ValidationError
 from ..graph.node import Node
-from ..layout.parallel import LayerSlot, ParallelSizes, RankFile, expert_range, place_layers, rank_files
+from ..layout.parallel import ParallelSizes, RankFile, expert_range, rank_files
+from ..layout.pipeline import PipelineLayout, place_slots
+from ..layout.pipeline import validate as validate_pipeline
 from ..mapping.rules import Split, apply_split, grouped_weight1, grouped_weight2
 from ..mapping.sources import SourceTensors
 
@@ -70,8 +72,12 @@ class McoreOptions:
 
     moe_grouped_gemm: bool = False
     mtp_num_layers: int = 0
-    num_layers: int | None = None              # real layer slots; default: config num_hidden_layers
+    num_layers: int | None = None              # layer slots, noop included; default: config layers + noop
     first_k_dense_replace: int | None = None   # default: config first_k_dense_replace
+    vpp_layers: int | None = None              # --num-layers-per-virtual-pipeline-stage
+    noop_layers: tuple[int, ...] = ()          # --noop-layers
+    num_layer_list: tuple[int, ...] | None = None  # --num-layer-list
+    dualpipev: bool = False                    # --schedules-method dualpipev
 
 
 # --- the HF side: every tensor the checkpoint must contain (validation and coverage) -----------------------------
@@ -193,24 +199,39 @@ def hf_layer_list(c: DeepSeekV3Config, num_layers: int, first_k: int) -> list[in
     return (list(range(first_k)) + list(range(c.first_k_dense_replace, c.num_hidden_layers)))[:num_layers]
 
 
+def pipeline_layout(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> PipelineLayout:
+    slots = c.num_hidden_layers + len(o.noop_layers) if o.num_layers is None else o.num_layers
+    return PipelineLayout(slots, sizes.pp, o.vpp_layers, tuple(o.noop_layers),
+                          tuple(o.num_layer_list) if o.num_layer_list is not None else None, o.dualpipev)
+
+
 def validate(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> tuple[int, int]:
-    """Every contradiction between config, sizes and options, raised at once.  Returns (num_layers, first_k)."""
-    problems = []
-    num_layers = c.num_hidden_layers if o.num_layers is None else o.num_layers
+    """Every contradiction between config, sizes and options, raised at once.  Returns (real layers, first_k)."""
+    layout = pipeline_layout(c, sizes, o)
+    problems = validate_pipeline(layout)
+    real = layout.num_layers - len(set(o.noop_layers))
     first_k = c.first_k_dense_replace if o.first_k_dense_replace is None else o.first_k_dense_replace
-    tp, pp, ep = sizes.tp, sizes.pp, sizes.ep
-    if not 1 <= num_layers <= c.num_hidden_layers:
-        problems.append(f"--num-layers {num_layers}: the checkpoint has {c.num_hidden_layers} layers "
-                        f"(num_hidden_layers in config.json). Pass a value between 1 and that.")
+    tp = sizes.tp
+    ep = sizes.ep
+    if not 1 <= real <= c.num_hidden_layers:
+        problems.append(f"--num-layers {layout.num_layers} leaves {real} real layers (noop slots excluded); the "
+                        f"checkpoint has {c.num_hidden_layers} (num_hidden_layers in config.json).")
+    available = first_k + c.num_hidden_layers - c.first_k_dense_replace
+    if 1 <= real <= c.num_hidden_layers and 0 <= first_k <= c.first_k_dense_replace and real > available:
+        problems.append(f"--first-k-dense-replace {first_k} leaves {available} HF layers for {real} real layer "
+                        f"slots. Lower --num-layers or raise --first-k-dense-replace.")
     if not 0 <= first_k <= c.first_k_dense_replace:
         problems.append(f"--first-k-dense-replace {first_k}: must be between 0 and the checkpoint's "
                         f"first_k_dense_replace ({c.first_k_dense_replace}).")
+    elif o.dualpipev and first_k != c.first_k_dense_replace:
+        problems.append("--first-k-dense-replace smaller than the checkpoint's is not supported with dualpipev "
+                        "(MindSpeed does not apply it there either).")
+    if o.dualpipev and tp > 1:
+        problems.append("--schedules-method dualpipev with --target-tensor-parallel-size > 1 needs "
+                        "--moe-tp-extend-ep, which is not supported yet.")
     if o.mtp_num_layers < 0 or o.mtp_num_layers > c.num_nextn_predict_layers:
         problems.append(f"--mtp-num-layers {o.mtp_num_layers}: the checkpoint has {c.num_nextn_predict_layers} "
                         f"MTP layer(s) (num_nextn_predict_layers in config.json). Pass at most that.")
-    if 1 <= num_layers <= c.num_hidden_layers and num_layers % pp:
-        problems.append(f"--num-layers {num_layers} is not divisible by --target-pipeline-parallel-size {pp}. "
-                        f"Choose a pipeline size that divides the layer count.")
     divisible = [
         ("num_attention_heads", c.num_attention_heads, tp, "--target-tensor-parallel-size"),
         ("vocab_size", c.vocab_size, tp, "--target-tensor-parallel-size"),
@@ -226,46 +247,58 @@ def validate(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> tupl
             problems.append(f"{flag} {size} does not divide {field} = {value}. Choose a size that divides it.")
     if problems:
         raise ValidationError(problems)
-    return num_layers, first_k
+    return real, first_k
 
 
 def build_rank_tensors(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions,
                        src: SourceTensors) -> dict[RankFile, list[TargetTensor]]:
-    """Every rank file's ordered state dict, as nodes over ``src`` (spec §3, §4.3, §4.6)."""
-    num_layers, first_k = validate(c, sizes, o)
-    hf_layers = hf_layer_list(c, num_layers, first_k)
-    slots: list[LayerSlot] = place_layers(num_layers, sizes.pp)
-    last = sizes.pp - 1
-    by_stage: dict[int, list[tuple[LayerSlot, int]]] = defaultdict(list)
-    for slot in slots:
-        by_stage[slot.pp_rank].append((slot, hf_layers[slot.slot]))
+    """Every rank file's ordered state dict, as nodes over ``src`` (spec §3, §4)."""
+    real, first_k = validate(c, sizes, o)
+    layout = pipeline_layout(c, sizes, o)
+    hf_layers = hf_layer_list(c, real, first_k)
+    by_chunk: dict[tuple[int, str], list[tuple[int, int]]] = defaultdict(list)
+    for i, slot in enumerate(place_slots(layout)):
+        by_chunk[(slot.pp_rank, slot.group)].append((slot.local, hf_layers[i]))
+    first, last = layout.first_chunk(), layout.last_chunk()
     final_norm = "final_layernorm.weight" if o.mtp_num_layers else "decoder.final_layernorm.weight"
 
     out: dict[RankFile, list[TargetTensor]] = {}
     for r in rank_files(sizes):
         t = r.tp_rank
-        items: list[tuple[str, Node]] = []
-        if r.pp_rank == 0:
-            items.append(("embedding.word_embeddings.weight",
-                          apply_split(Split.COLUMN, [src.get("model.embed_tokens.weight")], sizes.tp, t)))
-        for slot, hf in by_stage[r.pp_rank]:
-            items += _layer(c, sizes, o, src, r, f"decoder.layers.{slot.local}.", f"model.layers.{hf}.",
-                            dense=hf < first_k)
-        if r.pp_rank == last:
-            items.append((final_norm, src.get("model.norm.weight")))
-            items.append(("output_layer.weight",
-                          apply_split(Split.COLUMN, [src.get("lm_head.weight")], sizes.tp, t)))
-            for m in range(o.mtp_num_layers):
-                hf_prefix = f"model.layers.{c.num_hidden_layers + m}."
-                if sizes.pp > 1:  # the MTP stage needs its own copy of the embedding (spec §3.7)
-                    items.append(("embedding.word_embeddings.weight", apply_split(
-                        Split.COLUMN, [src.get(hf_prefix + "embed_tokens.weight")], sizes.tp, t)))
-                items += _table(MTP_EXTRA, src, sizes.tp, t, f"mtp.layers.{m}.", hf_prefix)
-                items.append((f"mtp.final_layernorms.{m}.weight", src.get(hf_prefix + "shared_head.norm.weight")))
-                items += _layer(c, sizes, o, src, r, f"mtp.layers.{m}.transformer_layer.", hf_prefix, dense=False)
-        out[r] = [TargetTensor("model", name, node) for name, node in items]
+        tensors: list[TargetTensor] = []
+        for group in layout.groups():
+            chunk = (r.pp_rank, group)
+            items: list[tuple[str, Node]] = []
+            if chunk == first:
+                items.append(("embedding.word_embeddings.weight",
+                              apply_split(Split.COLUMN, [src.get("model.embed_tokens.weight")], sizes.tp, t)))
+            for local, hf in by_chunk[chunk]:
+                items += _layer(c, sizes, o, src, r, f"decoder.layers.{local}.", f"model.layers.{hf}.",
+                                dense=hf < first_k)
+            if chunk == last:
+                items.append((final_norm, src.get("model.norm.weight")))
+                items.append(("output_layer.weight",
+                              apply_split(Split.COLUMN, [src.get("lm_head.weight")], sizes.tp, t)))
+                for m in range(o.mtp_num_layers):
+                    items += _mtp(c, sizes, o, src, r, m)
+            tensors += [TargetTensor(group, name, node) for name, node in items]
+        out[r] = tensors
     _declare_dropped(c, sizes, o, src, hf_layers)
     return out
+
+
+def _mtp(c, sizes, o, src: SourceTensors, r: RankFile, m: int) -> list[tuple[str, Node]]:
+    """MTP module m (HF layer num_hidden_layers + m), on the chunk of the final norm (spec §3.7)."""
+    t = r.tp_rank
+    hf_prefix = f"model.layers.{c.num_hidden_layers + m}."
+    items = []
+    if sizes.pp > 1:  # the MTP stage needs its own copy of the embedding
+        items.append(("embedding.word_embeddings.weight", apply_split(
+            Split.COLUMN, [src.get(hf_prefix + "embed_tokens.weight")], sizes.tp, t)))
+    items += _table(MTP_EXTRA, src, sizes.tp, t, f"mtp.layers.{m}.", hf_prefix)
+    items.append((f"mtp.final_layernorms.{m}.weight", src.get(hf_prefix + "shared_head.norm.weight")))
+    items += _layer(c, sizes, o, src, r, f"mtp.layers.{m}.transformer_layer.", hf_prefix, dense=False)
+    return items
 
 
 def _table(rows, src: SourceTensors, tp: int, t: int, prefix: str, hf_prefix: str) -> list[tuple[str, Node]]:

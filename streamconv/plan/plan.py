@@ -48,6 +48,7 @@ class OutputFile:
     tensors: tuple[OutputTensor, ...] = ()
     attrs: tuple[tuple[str, object], ...] = ()   # scalar top-level entries (checkpoint_version, iteration)
     text: str | None = None        # content of a "text" file
+    groups: tuple[str, ...] = ()   # top-level containers in order, listed even when empty (VPP chunks)
 
     @property
     def nbytes(self) -> int:
@@ -92,6 +93,8 @@ class Plan:
                 entry["attrs"] = [[k, v] for k, v in f.attrs]
             if f.text is not None:
                 entry["text"] = f.text
+            if f.groups:
+                entry["groups"] = list(f.groups)
             files.append(entry)
         return {
             "schema_version": self.schema_version,
@@ -122,7 +125,10 @@ class Plan:
                     raise PlanError(f"{path}: {rel}: unknown format {f['format']!r} (expected one of {FORMATS}).")
                 tensors = tuple(OutputTensor(g, n, nodes[i], int(seq)) for g, n, i, seq in f.get("tensors", ()))
                 attrs = tuple((k, v) for k, v in f.get("attrs", ()))
-                files.append(OutputFile(rel, f["format"], tensors, attrs, f.get("text")))
+                groups = tuple(f.get("groups", ()))
+                if not all(isinstance(g, str) for g in groups):
+                    raise PlanError(f"{path}: {rel}: groups must be strings.")
+                files.append(OutputFile(rel, f["format"], tensors, attrs, f.get("text"), groups))
             return cls(
                 kind=obj["kind"],
                 source_root=obj["source"]["root"],

@@ -35,6 +35,7 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes,
     dsv3.validate(cfg, sizes, options)
 
     per_rank = dsv3.build_rank_tensors(cfg, sizes, options, src)
+    groups = dsv3.pipeline_layout(cfg, sizes, options).groups()
     leftover = src.unaccounted()
     if leftover:
         raise ValidationError([f"{n}: present in the source but consumed by no output and not declared "
@@ -44,16 +45,16 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes,
     # file of a stage gets the same number: those tensors are replicas or TP/EP slices of the same source
     # tensors, and the executor writes them band by band together, so a shared source is read once and
     # released at once.
-    groups = sorted({(r.pp_rank, pos) for r, tensors in per_rank.items() for pos in range(len(tensors))})
-    seq_of = {g: i for i, g in enumerate(groups)}
+    order = sorted({(r.pp_rank, pos) for r, tensors in per_rank.items() for pos in range(len(tensors))})
+    seq_of = {g: i for i, g in enumerate(order)}
     files: list[OutputFile] = []
     for r, tensors in per_rank.items():
         path = f"{iter_dir(ITERATION)}/{rank_dir(r, sizes)}/{RANK_FILE}"
         out = tuple(OutputTensor(t.group, t.name, t.node, seq_of[(r.pp_rank, pos)])
                     for pos, t in enumerate(tensors))
         _check_unique(path, out)
-        files.append(OutputFile(path, "megatron_pt", out,
-                                attrs=(("checkpoint_version", 3.0), ("iteration", ITERATION))))
+        files.append(OutputFile(path, "megatron_pt", out, attrs=(("checkpoint_version", 3.0), ("iteration", ITERATION)),
+                                groups=groups))
     files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
 
     return Plan(

@@ -141,7 +141,7 @@ class _Attr:
 
 
 def compute_layout(entries: Iterable[PtEntry], attrs: Iterable[tuple[str, Scalar]] | Mapping[str, Scalar] = (),
-                   archive: str = "archive") -> TorchZipLayout:
+                   archive: str = "archive", groups: Iterable[str] = ()) -> TorchZipLayout:
     """Fix the layout of a .pt file holding ``{group: OrderedDict(name -> tensor), ..., **attrs}``.
 
     Args:
@@ -150,6 +150,8 @@ def compute_layout(entries: Iterable[PtEntry], attrs: Iterable[tuple[str, Scalar
         attrs: scalars (int, float, str, bool, None) that follow the groups in the top-level dict,
             for example ``(("checkpoint_version", 3.0), ("iteration", 1))``.
         archive: the top-level folder inside the zip.
+        groups: groups that come first, in this order, even when empty (a virtual pipeline chunk that holds
+            only noop layers is still an empty ``modelN`` dict); other groups follow in entry order.
 
     Returns:
         A frozen :class:`TorchZipLayout`. Equal inputs give the same cached object.
@@ -158,13 +160,17 @@ def compute_layout(entries: Iterable[PtEntry], attrs: Iterable[tuple[str, Scalar
         ValidationError: listing every bad entry or attr (unknown dtype, duplicate name, ...).
     """
     pairs = attrs.items() if isinstance(attrs, Mapping) else attrs
-    return _layout_cached(tuple(entries), tuple(_Attr(k, v) for k, v in pairs), archive)
+    return _layout_cached(tuple(entries), tuple(_Attr(k, v) for k, v in pairs), archive, tuple(groups))
 
 
 @functools.lru_cache(maxsize=32)
-def _layout_cached(entries: tuple[PtEntry, ...], attrs: tuple[_Attr, ...], archive: str) -> TorchZipLayout:
+def _layout_cached(entries: tuple[PtEntry, ...], attrs: tuple[_Attr, ...], archive: str,
+                   groups: tuple[str, ...] = ()) -> TorchZipLayout:
     _validate(entries, attrs, archive)
-    data_pkl = _pickle(entries, attrs)
+    clash = sorted(set(groups) & {a.key for a in attrs})
+    if clash:
+        raise ValidationError(f"{archive}: {clash} are both groups and attrs.")
+    data_pkl = _pickle(entries, attrs, groups)
     serialization_id = str(int.from_bytes(hashlib.blake2b(archive.encode() + data_pkl, digest_size=16).digest(),
                                           "big")).zfill(40).encode()
     payloads = (data_pkl, b"little", b"3\n", serialization_id)
@@ -250,8 +256,8 @@ class _PlaceholderPickler(pickle.Pickler):
         return obj.reduced if type(obj) is _TensorRef else NotImplemented
 
 
-def _pickle(entries: tuple[PtEntry, ...], attrs: tuple[_Attr, ...]) -> bytes:
-    obj: dict = {}
+def _pickle(entries: tuple[PtEntry, ...], attrs: tuple[_Attr, ...], groups: tuple[str, ...] = ()) -> bytes:
+    obj: dict = {g: collections.OrderedDict() for g in groups}
     for i, e in enumerate(entries):
         obj.setdefault(e.group, collections.OrderedDict())[e.name] = _TensorRef(str(i), e)
     for a in attrs:

@@ -62,7 +62,7 @@ def expect_error(tmp_path, hf_dir, match, *, exc=StreamconvError, **kw):
     (dict(ep=3), r"--target-expert-parallel-size 3 does not divide n_routed_experts = 8"),
     (dict(pp=3), r"--num-layers 4 is not divisible by --target-pipeline-parallel-size 3"),
     (dict(mtp=2), r"--mtp-num-layers 2: the checkpoint has 1 MTP layer"),
-    (dict(num_layers=9), r"--num-layers 9: the checkpoint has 4 layers"),
+    (dict(num_layers=9), r"--num-layers 9 leaves 9 real layers \(noop slots excluded\); the checkpoint has 4"),
     (dict(first_k_dense_replace=3), r"--first-k-dense-replace 3: must be between 0 and"),
 ])
 def test_contradictory_flags(tiny_hf, tmp_path, kw, match):

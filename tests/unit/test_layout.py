@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from streamconv.errors import ValidationError
-from streamconv.layout.parallel import (LayerSlot, ParallelSizes, RankFile, expert_range, iter_dir, place_layers,
+from streamconv.layout.pipeline import PipelineLayout, place_slots
+from streamconv.layout.parallel import (LayerSlot, ParallelSizes, RankFile, expert_range, iter_dir,
                                         rank_dir, rank_files)
 
 RANK_DIRS = [
@@ -50,7 +51,7 @@ def test_rank_files_explicit_order():
 
 
 def test_place_layers_even_split():
-    slots = place_layers(8, 2)
+    slots = place_slots(PipelineLayout(8, 2))
     assert [s.slot for s in slots] == list(range(8))
     assert [s.pp_rank for s in slots] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert [s.local for s in slots] == [0, 1, 2, 3, 0, 1, 2, 3]
@@ -60,7 +61,7 @@ def test_place_layers_even_split():
 
 @pytest.mark.parametrize("layers, pp", [(1, 1), (61, 1), (8, 8), (60, 4), (64, 16)])
 def test_place_layers_properties(layers, pp):
-    slots = place_layers(layers, pp)
+    slots = place_slots(PipelineLayout(layers, pp))
     per = layers // pp
     assert len(slots) == layers
     for stage in range(pp):
@@ -72,7 +73,7 @@ def test_place_layers_properties(layers, pp):
 @pytest.mark.parametrize("layers, pp", [(7, 2), (61, 4), (3, 4)])
 def test_place_layers_uneven_raises(layers, pp):
     with pytest.raises(ValidationError, match="not divisible"):
-        place_layers(layers, pp)
+        place_slots(PipelineLayout(layers, pp))
 
 
 @pytest.mark.parametrize("experts, ep", [(1, 1), (8, 1), (8, 8), (256, 8), (256, 32), (12, 3)])
