@@ -6,6 +6,7 @@ byte is written (one error listing every problem), and returns a :class:`Plan`.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
 
@@ -64,7 +65,9 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes,
         target_root=save_dir,
         files=tuple(files),
         dropped=tuple(Dropped(n, r) for n, r in sorted(src.dropped.items())),
-        options={"target": asdict(sizes), "model": asdict(options), "model_type": dsv3.MODEL_TYPE},
+        # JSON-native (tuples as lists), so a plan equals itself read back from its file
+        options=json.loads(json.dumps({"target": asdict(sizes), "model": asdict(options),
+                                       "model_type": dsv3.MODEL_TYPE})),
     )
 
 
