@@ -17,6 +17,14 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """'47,62,63' -> (47, 62, 63)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+
+
 def add_hf2mcore_flags(p: argparse.ArgumentParser) -> None:
     """MindSpeed-LLM's converter flags, so a user's script ports by changing the program name."""
     p.add_argument("--load-dir", required=True, help="HF checkpoint directory (config.json, *.safetensors, index)")
@@ -31,6 +39,14 @@ def add_hf2mcore_flags(p: argparse.ArgumentParser) -> None:
                    help="transformer layers to convert (default: num_hidden_layers of config.json)")
     p.add_argument("--first-k-dense-replace", type=int, default=None,
                    help="dense layers to keep (default: first_k_dense_replace of config.json)")
+    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, metavar="S",
+                   help="VPP: layers per virtual chunk (files hold model0..model{v-1})")
+    p.add_argument("--noop-layers", type=int_list, default=(), metavar="I,J,...",
+                   help="layer slots that hold no weights (counted by --num-layers)")
+    p.add_argument("--num-layer-list", type=int_list, default=None, metavar="A,B,...",
+                   help="layers per pipeline stage (exactly PP entries)")
+    p.add_argument("--schedules-method", choices=["dualpipev"], default=None,
+                   help="dualpipev: two chunks per stage, down then back up")
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -60,5 +76,7 @@ def plan_hf2mcore_from_args(args):
     sizes = ParallelSizes(args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                           args.target_expert_parallel_size)
     options = McoreOptions(moe_grouped_gemm=args.moe_grouped_gemm, mtp_num_layers=args.mtp_num_layers,
-                           num_layers=args.num_layers, first_k_dense_replace=args.first_k_dense_replace)
+                           num_layers=args.num_layers, first_k_dense_replace=args.first_k_dense_replace,
+                           vpp_layers=args.num_layers_per_virtual_pipeline_stage, noop_layers=args.noop_layers,
+                           num_layer_list=args.num_layer_list, dualpipev=args.schedules_method == "dualpipev")
     return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, options)
