@@ -9,8 +9,9 @@ output with it byte for byte::
     assert_same_checkpoint(load_mcore_dir(save_dir), expected)
 
 Scope: TP / PP / EP, grouped GEMM or local experts, MTP, ``num_layers`` truncation, the
-``first_k_dense_replace`` remap, and the layer placements of spec 4.2-4.5: noop layers, num-layer-list,
-VPP and dualpipev (``reference_placement``). No mla-mm-split, tp-extend-ep or ETP.
+``first_k_dense_replace`` remap, the layer placements of spec 4.2-4.5 (noop layers, num-layer-list,
+VPP and dualpipev: ``reference_placement``), legacy MLA key names, mla-mm-split (3.4),
+moe-tp-extend-ep (3.6) and expert-tensor-parallel-size 1 (4.7).
 
 Only torch, safetensors, json and os are used, on purpose.
 """
@@ -309,7 +310,16 @@ def reference_final_chunk(num_layers, pp, *, vpp_layers=None, dualpipev=False):
     return (pp - 1, 0)
 
 
-def _validate(d, tp, pp, ep, mtp_num_layers, num_real, k, dualpipev, k_given):
+def _etp1_pairs(tp, ep):
+    """Spec 4.7 (``get_etp_valid_ckpts_list``): the (tp, ep) rank pairs Megatron instantiates under ETP 1."""
+    if tp % ep == 0:
+        return [(t, t % ep) for t in range(tp)]
+    if ep % tp == 0:
+        return [(e % tp, e) for e in range(ep)]
+    raise ValueError(f"expert_tensor_parallel_size 1 needs tp % ep == 0 or ep % tp == 0, got tp={tp}, ep={ep}")
+
+
+def _validate(d, tp, pp, ep, mtp_num_layers, num_real, k, dualpipev, k_given, experts="tp"):
     problems = []
     for flag, value in (("tp", tp), ("pp", pp), ("ep", ep)):
         if not _is_int(value) or value < 1:
@@ -328,8 +338,8 @@ def _validate(d, tp, pp, ep, mtp_num_layers, num_real, k, dualpipev, k_given):
                 f"first_k_dense_replace {k_given} is not supported with dualpipev (the remap is not applied"
                 f" there); pass None or the config value {d.first_k_dense}"
             )
-        if tp > 1:
-            problems.append("dualpipev with tp > 1 needs moe-tp-extend-ep, which the reference does not implement")
+        if tp > 1 and experts != "extend":
+            problems.append("dualpipev with tp > 1 needs moe-tp-extend-ep (moe_tp_extend_ep=True)")
     elif not 0 <= k <= d.first_k_dense:
         problems.append(f"first_k_dense_replace must be in 0..{d.first_k_dense} (config), got {k}")
     elif k + (d.num_hf_layers - d.first_k_dense) < num_real:
@@ -340,13 +350,16 @@ def _validate(d, tp, pp, ep, mtp_num_layers, num_real, k, dualpipev, k_given):
         )
     if d.experts % ep:
         problems.append(f"n_routed_experts {d.experts} not divisible by ep {ep}")
+    if experts == "extend" and d.experts % (ep * tp):
+        problems.append(f"moe_tp_extend_ep: n_routed_experts {d.experts} not divisible by ep * tp = {ep * tp}")
     by_tp = {
         "num_attention_heads": d.heads,
         "vocab_size": d.vocab,
         "intermediate_size": d.ffn,
-        "moe_intermediate_size": d.moe_ffn,
         "shared experts ffn (moe_intermediate_size * n_shared_experts)": d.shared_ffn,
     }
+    if experts == "tp":  # routed experts are TP-split only without tp-extend-ep / ETP 1
+        by_tp["moe_intermediate_size"] = d.moe_ffn
     if mtp_num_layers:
         by_tp["hidden_size (eh_proj rows)"] = d.hidden
     for what, size in by_tp.items():
@@ -373,18 +386,55 @@ def _gated_fc1(gate, up, tp, t):
     return torch.cat([_chunk(gate, tp, 0, t), _chunk(up, tp, 0, t)], 0)
 
 
-def _attention(hf, src, dst, tp, t):
+class _Opts:
+    """Per-call mapping options: MLA key names / mm-split (spec 3.3, 3.4) and the expert layout
+    ``experts``: "tp" (TP-split, spec 3.6), "extend" (moe-tp-extend-ep, 3.6) or "etp1" (ETP = 1, 4.7)."""
+
+    def __init__(self, grouped_gemm, legacy_names=False, mm_split=False, experts="tp"):
+        self.grouped_gemm = grouped_gemm
+        self.legacy_names = legacy_names
+        self.mm_split = mm_split
+        self.experts = experts
+
+
+def _head_split(weight, heads, first):
+    """Spec 3.4: view [NH, D1+D2, R], return the head-major flattenings of rows [0:D1] and [D1:]."""
+    per_head = weight.reshape(heads, -1, weight.shape[1])
+    return (
+        per_head[:, :first, :].reshape(-1, weight.shape[1]),
+        per_head[:, first:, :].reshape(-1, weight.shape[1]),
+    )
+
+
+def _attention(hf, d, src, dst, tp, t, opts):
     a = src + "self_attn."
     s = dst + "self_attention."
     qkv = torch.cat([hf[a + "q_a_proj.weight"], hf[a + "kv_a_proj_with_mqa.weight"]], 0)
-    return [
+    # Spec 0 (2025-07-23 rename) / 3.3: legacy names linear_qb, linear_kvb, k_layernorm.
+    kv_norm = "k_layernorm" if opts.legacy_names else "kv_layernorm"
+    q_up = "linear_qb" if opts.legacy_names else "linear_q_up_proj"
+    kv_up = "linear_kvb" if opts.legacy_names else "linear_kv_up_proj"
+    out = [
         (s + "linear_qkv.weight", qkv),
         (s + "q_layernorm.weight", hf[a + "q_a_layernorm.weight"]),
-        (s + "kv_layernorm.weight", hf[a + "kv_a_layernorm.weight"]),
-        (s + "linear_q_up_proj.weight", _chunk(hf[a + "q_b_proj.weight"], tp, 0, t)),
-        (s + "linear_kv_up_proj.weight", _chunk(hf[a + "kv_b_proj.weight"], tp, 0, t)),
-        (s + "linear_proj.weight", _chunk(hf[a + "o_proj.weight"], tp, 1, t)),
+        (s + f"{kv_norm}.weight", hf[a + "kv_a_layernorm.weight"]),
     ]
+    if opts.mm_split:  # spec 3.4: four column-parallel matrices, whole heads per rank
+        qk_nope, qk_rope = _head_split(hf[a + "q_b_proj.weight"], d.heads, d.nope)
+        kv_nope, v = _head_split(hf[a + "kv_b_proj.weight"], d.heads, d.nope)
+        out += [
+            (s + "linear_qk_nope.weight", _chunk(qk_nope, tp, 0, t)),
+            (s + "linear_qk_rope.weight", _chunk(qk_rope, tp, 0, t)),
+            (s + "linear_kv_nope.weight", _chunk(kv_nope, tp, 0, t)),
+            (s + "linear_v.weight", _chunk(v, tp, 0, t)),
+        ]
+    else:
+        out += [
+            (s + f"{q_up}.weight", _chunk(hf[a + "q_b_proj.weight"], tp, 0, t)),
+            (s + f"{kv_up}.weight", _chunk(hf[a + "kv_b_proj.weight"], tp, 0, t)),
+        ]
+    out.append((s + "linear_proj.weight", _chunk(hf[a + "o_proj.weight"], tp, 1, t)))
+    return out
 
 
 def _dense_mlp(hf, src, dst, tp, t):
@@ -395,7 +445,7 @@ def _dense_mlp(hf, src, dst, tp, t):
     ]
 
 
-def _moe_mlp(hf, d, src, dst, tp, t, ep, e, grouped_gemm):
+def _moe_mlp(hf, d, src, dst, tp, t, ep, e, opts):
     m = src + "mlp."
     out = [
         (dst + "mlp.router.weight", hf[m + "gate.weight"][: d.experts]),
@@ -406,14 +456,22 @@ def _moe_mlp(hf, d, src, dst, tp, t, ep, e, grouped_gemm):
         ),
         (dst + "mlp.shared_experts.linear_fc2.weight", _chunk(hf[m + "shared_experts.down_proj.weight"], tp, 1, t)),
     ]
-    n_local = d.experts // ep
+    if opts.experts == "extend":  # spec 3.6: bucket b = e*TP + t of n = E/(EP*TP) whole experts
+        n_local = d.experts // (ep * tp)
+        first = (e * tp + t) * n_local
+    else:  # "tp" and "etp1": EP rank e holds experts e*E/EP .. (e+1)*E/EP - 1
+        n_local = d.experts // ep
+        first = e * n_local
     fc1s, fc2s = [], []
     for q in range(n_local):
-        j = e * n_local + q
-        x = f"{m}experts.{j}."
-        fc1s.append(_gated_fc1(hf[x + "gate_proj.weight"], hf[x + "up_proj.weight"], tp, t))
-        fc2s.append(_chunk(hf[x + "down_proj.weight"], tp, 1, t))
-    if grouped_gemm:
+        x = f"{m}experts.{first + q}."
+        if opts.experts == "tp":
+            fc1s.append(_gated_fc1(hf[x + "gate_proj.weight"], hf[x + "up_proj.weight"], tp, t))
+            fc2s.append(_chunk(hf[x + "down_proj.weight"], tp, 1, t))
+        else:  # whole experts (spec 3.6 tp-extend-ep, 4.7 ETP 1); correct without GEMM too (10.5)
+            fc1s.append(torch.cat([hf[x + "gate_proj.weight"], hf[x + "up_proj.weight"]], 0))
+            fc2s.append(hf[x + "down_proj.weight"])
+    if opts.grouped_gemm:
         # Spec 3.6(b): [n, H, 2Fm/TP] memory reinterpreted as [H, n*2Fm/TP]; NOT cat_1 of the transposes.
         stacked = torch.stack([w.t() for w in fc1s], 0).contiguous()
         out.append((dst + "mlp.experts.weight1", stacked.view(d.hidden, -1)))
@@ -425,19 +483,19 @@ def _moe_mlp(hf, d, src, dst, tp, t, ep, e, grouped_gemm):
     return out
 
 
-def _layer(hf, d, hf_index, dst, is_dense, tp, t, ep, e, grouped_gemm):
+def _layer(hf, d, hf_index, dst, is_dense, tp, t, ep, e, opts):
     src = f"model.layers.{hf_index}."
     out = [(dst + "input_layernorm.weight", hf[src + "input_layernorm.weight"])]
-    out += _attention(hf, src, dst, tp, t)
+    out += _attention(hf, d, src, dst, tp, t, opts)
     out.append((dst + "pre_mlp_layernorm.weight", hf[src + "post_attention_layernorm.weight"]))
     if is_dense:
         out += _dense_mlp(hf, src, dst, tp, t)
     else:
-        out += _moe_mlp(hf, d, src, dst, tp, t, ep, e, grouped_gemm)
+        out += _moe_mlp(hf, d, src, dst, tp, t, ep, e, opts)
     return out
 
 
-def _chunk_state_dict(hf, d, *, tp, t, ep, e, grouped_gemm, mtp_num_layers, layers, k, embedding, final):
+def _chunk_state_dict(hf, d, *, tp, t, ep, e, opts, mtp_num_layers, layers, k, embedding, final):
     """One model chunk of one rank. ``layers``: [(local, hf_index)]; ``embedding``: None, "main" (the
     first chunk) or "mtp" (the MTP chunk's own copy, spec 3.7); ``final``: final norm, output_layer, MTP."""
     items = []
@@ -448,7 +506,7 @@ def _chunk_state_dict(hf, d, *, tp, t, ep, e, grouped_gemm, mtp_num_layers, laye
         mtp_embed = hf[f"model.layers.{d.num_hf_layers}.embed_tokens.weight"]
         items.append(("embedding.word_embeddings.weight", _chunk(mtp_embed, tp, 0, t)))
     for local, hf_index in layers:
-        items += _layer(hf, d, hf_index, f"decoder.layers.{local}.", hf_index < k, tp, t, ep, e, grouped_gemm)
+        items += _layer(hf, d, hf_index, f"decoder.layers.{local}.", hf_index < k, tp, t, ep, e, opts)
     if final:
         norm_key = "final_layernorm.weight" if mtp_num_layers else "decoder.final_layernorm.weight"
         items.append((norm_key, hf["model.norm.weight"]))
@@ -460,7 +518,7 @@ def _chunk_state_dict(hf, d, *, tp, t, ep, e, grouped_gemm, mtp_num_layers, laye
             items.append((dst + "enorm.weight", hf[src + "enorm.weight"]))
             items.append((dst + "hnorm.weight", hf[src + "hnorm.weight"]))
             items.append((dst + "eh_proj.weight", _chunk(hf[src + "eh_proj.weight"], tp, 0, t)))
-            items += _layer(hf, d, hf_index, dst + "transformer_layer.", False, tp, t, ep, e, grouped_gemm)
+            items += _layer(hf, d, hf_index, dst + "transformer_layer.", False, tp, t, ep, e, opts)
             items.append((f"mtp.final_layernorms.{m}.weight", hf[src + "shared_head.norm.weight"]))
     state = OrderedDict()
     for key, tensor in items:
@@ -484,6 +542,10 @@ def reference_hf_to_mcore(
     noop_layers=(),
     num_layer_list=None,
     dualpipev=False,
+    mla_key_names="current",
+    mla_mm_split=False,
+    moe_tp_extend_ep=False,
+    expert_tensor_parallel_size=None,
 ):
     """Every file of the mcore checkpoint, keyed by path relative to the save dir.
 
@@ -496,9 +558,24 @@ def reference_hf_to_mcore(
     ``vpp_layers`` is ``--num-layers-per-virtual-pipeline-stage``, ``num_layer_list`` the PP layer
     counts, ``dualpipev`` ``--schedules-method dualpipev``; placement is ``reference_placement``.
     Under dualpipev the ``first_k_dense_replace`` remap is not applied (spec 4.2, 10.6), so any value
-    other than the config's is refused, as is tp > 1 (it needs moe-tp-extend-ep).
+    other than the config's is refused, as is tp > 1 without ``moe_tp_extend_ep``.
+
+    ``mla_key_names`` "current" or "legacy" (pre-2025-07-23 ``linear_qb`` / ``linear_kvb`` /
+    ``k_layernorm``); ``mla_mm_split`` writes ``linear_qk_nope`` / ``linear_qk_rope`` / ``linear_kv_nope``
+    / ``linear_v`` instead of the up-projections (spec 3.4; these have no legacy form).
+    ``moe_tp_extend_ep``: whole experts in EP*TP buckets, bucket ``e*TP + t`` (spec 3.6), correct with
+    and without grouped GEMM. ``expert_tensor_parallel_size`` None or 1: with 1, whole experts by EP
+    rank and only the (tp, ep) pairs of spec 4.7 get a file. The two are mutually exclusive.
     Raises ValueError for sizes that do not divide and out-of-range or conflicting options.
     """
+    if mla_key_names not in ("current", "legacy"):
+        raise ValueError(f"mla_key_names must be 'current' or 'legacy', got {mla_key_names!r}")
+    if expert_tensor_parallel_size not in (None, 1) or isinstance(expert_tensor_parallel_size, bool):
+        raise ValueError(f"expert_tensor_parallel_size must be None or 1, got {expert_tensor_parallel_size!r}")
+    if moe_tp_extend_ep and expert_tensor_parallel_size is not None:
+        raise ValueError("moe_tp_extend_ep and expert_tensor_parallel_size are mutually exclusive")
+    experts = "extend" if moe_tp_extend_ep else "etp1" if expert_tensor_parallel_size == 1 else "tp"
+    opts = _Opts(moe_grouped_gemm, mla_key_names == "legacy", bool(mla_mm_split), experts)
     config, hf = load_hf(hf_dir)
     d = _Dims(config)
     num_layers = d.num_hf_layers if num_layers is None else num_layers
@@ -507,7 +584,13 @@ def reference_hf_to_mcore(
     k = d.first_k_dense if dualpipev else k_given
     _validate_layout(num_layers, pp, vpp_layers, noop_layers, num_layer_list, dualpipev)
     num_real = num_layers - len(noop_layers)
-    _validate(d, tp, pp, ep, mtp_num_layers, num_real, k, dualpipev, k_given)
+    _validate(d, tp, pp, ep, mtp_num_layers, num_real, k, dualpipev, k_given, experts)
+    if experts == "etp1":
+        if dualpipev and tp > 1:
+            raise ValueError("dualpipev with tp > 1 is only supported with moe_tp_extend_ep, not ETP 1")
+        rank_pairs = _etp1_pairs(tp, ep)
+    else:
+        rank_pairs = [(t, e) for t in range(tp) for e in range(ep)]
     hf_layers = _hf_layer_list(num_real, d.first_k_dense, k)  # identity under dualpipev (k == K)
     placement = reference_placement(
         num_layers, pp, hf_layers, vpp_layers=vpp_layers, noop_layers=noop_layers,
@@ -529,29 +612,28 @@ def reference_hf_to_mcore(
 
     files = {TRACKER_FILE: b"1"}
     for p in range(pp):
-        for t in range(tp):
-            for e in range(ep):
-                chunks = []
-                for v in range(num_chunks):
-                    if (p, v) == (0, 0):
-                        embedding = "main"
-                    elif (p, v) == final_chunk and mtp_num_layers and pp > 1:
-                        embedding = "mtp"
-                    else:
-                        embedding = None
-                    chunks.append(_chunk_state_dict(
-                        hf, d, tp=tp, t=t, ep=ep, e=e, grouped_gemm=moe_grouped_gemm,
-                        mtp_num_layers=mtp_num_layers, layers=placement[(p, v)], k=k,
-                        embedding=embedding, final=(p, v) == final_chunk,
-                    ))
-                path = f"{ITER_DIR}/{rank_dir_name(t, p, e, pp, ep)}/{RANK_FILE}"
-                if chunked:
-                    obj = {"checkpoint_version": 3.0, "iteration": 1}
-                    for v, chunk_state in enumerate(chunks):
-                        obj[f"model{v}"] = chunk_state
+        for t, e in rank_pairs:
+            chunks = []
+            for v in range(num_chunks):
+                if (p, v) == (0, 0):
+                    embedding = "main"
+                elif (p, v) == final_chunk and mtp_num_layers and pp > 1:
+                    embedding = "mtp"
                 else:
-                    obj = {"model": chunks[0], "checkpoint_version": 3.0, "iteration": 1}
-                files[path] = obj
+                    embedding = None
+                chunks.append(_chunk_state_dict(
+                    hf, d, tp=tp, t=t, ep=ep, e=e, opts=opts,
+                    mtp_num_layers=mtp_num_layers, layers=placement[(p, v)], k=k,
+                    embedding=embedding, final=(p, v) == final_chunk,
+                ))
+            path = f"{ITER_DIR}/{rank_dir_name(t, p, e, pp, ep)}/{RANK_FILE}"
+            if chunked:
+                obj = {"checkpoint_version": 3.0, "iteration": 1}
+                for v, chunk_state in enumerate(chunks):
+                    obj[f"model{v}"] = chunk_state
+            else:
+                obj = {"model": chunks[0], "checkpoint_version": 3.0, "iteration": 1}
+            files[path] = obj
     return files
 
 

@@ -1089,3 +1089,116 @@ def test_e2e_num_layer_list(bf16_dir, hf):
 def test_layout_validation_errors(bf16_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         reference_hf_to_mcore(bf16_dir, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# MLA key names (spec 0 / 3.3) and mla-mm-split (spec 3.4)
+
+LEGACY = {"linear_q_up_proj": "linear_qb", "linear_kv_up_proj": "linear_kvb", "kv_layernorm": "k_layernorm"}
+MM_SPLIT = ["linear_qk_nope", "linear_qk_rope", "linear_kv_nope", "linear_v"]
+
+
+def _rename(key, mapping):
+    for old, new in mapping.items():
+        key = key.replace(f".self_attention.{old}.", f".self_attention.{new}.")
+    return key
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_legacy_mla_key_names_rename_only(bf16_dir, gemm):
+    kwargs = dict(tp=2, pp=2, ep=2, moe_grouped_gemm=gemm, mtp_num_layers=1)
+    current = reference_hf_to_mcore(bf16_dir, **kwargs)
+    legacy = reference_hf_to_mcore(bf16_dir, mla_key_names="legacy", **kwargs)
+    assert set(legacy) == set(current)
+    seen = set()
+    for path, obj in current.items():
+        if path.endswith(".txt"):
+            continue
+        sd, lsd = obj["model"], legacy[path]["model"]
+        assert list(lsd) == [_rename(k, LEGACY) for k in sd]  # same positions
+        for key, tensor in sd.items():
+            assert same(lsd[_rename(key, LEGACY)], tensor)
+        seen |= {k for k in lsd if ".self_attention." in k}
+    assert any(k.startswith("decoder.") and k.endswith("self_attention.linear_qb.weight") for k in seen)
+    assert "mtp.layers.0.transformer_layer.self_attention.k_layernorm.weight" in seen
+    assert "mtp.layers.0.transformer_layer.self_attention.linear_kvb.weight" in seen
+    assert not any(old in k for k in seen for old in ("linear_q_up_proj", "linear_kv_up_proj", "kv_layernorm"))
+    with pytest.raises(ValueError, match="mla_key_names"):
+        reference_hf_to_mcore(bf16_dir, mla_key_names="old")
+
+
+def _mm_split_shapes(c, tp):
+    nh, dn, dr, dv = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    rq, rkv = c["q_lora_rank"], c["kv_lora_rank"]
+    return {
+        "linear_qk_nope": (nh * dn // tp, rq),
+        "linear_qk_rope": (nh * dr // tp, rq),
+        "linear_kv_nope": (nh * dn // tp, rkv),
+        "linear_v": (nh * dv // tp, rkv),
+    }
+
+
+def test_appendix_a_mm_split_shapes_for_671b():
+    c = tiny_config(num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    assert _mm_split_shapes(c, 2) == {
+        "linear_qk_nope": (8192, 1536), "linear_qk_rope": (4096, 1536),
+        "linear_kv_nope": (8192, 512), "linear_v": (8192, 512),
+    }
+
+
+@pytest.mark.parametrize("names", ["current", "legacy"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_mm_split_shapes_order_and_reassembly(bf16_dir, hf, tp, names):
+    c, w = hf
+    nh, dn, dr, dv = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    shapes = _mm_split_shapes(c, tp)
+    base = reference_hf_to_mcore(bf16_dir, tp=tp, pp=2, mtp_num_layers=1, mla_key_names=names)
+    out = reference_hf_to_mcore(bf16_dir, tp=tp, pp=2, mtp_num_layers=1, mla_key_names=names, mla_mm_split=True)
+    assert set(out) == set(base)
+    up = ["linear_qb", "linear_kvb"] if names == "legacy" else ["linear_q_up_proj", "linear_kv_up_proj"]
+    for p in range(2):
+        names_t = [f"mp_rank_{t:02d}_{p:03d}" for t in range(tp)]
+        sds = [state(out, n) for n in names_t]
+        # key order: the four replace the two up-projections in place; everything else identical
+        want = []
+        for key in state(base, names_t[0]):
+            if key.endswith(f"self_attention.{up[0]}.weight"):
+                pre = key[: -len(f"{up[0]}.weight")]
+                want += [pre + f"{m}.weight" for m in MM_SPLIT]
+            elif not key.endswith(f"self_attention.{up[1]}.weight"):
+                want.append(key)
+        for t, sd in enumerate(sds):
+            assert list(sd) == want
+            for key, tensor in state(base, names_t[t]).items():
+                if key in sd:
+                    assert same(sd[key], tensor), key
+        prefixes = sorted({k[: -len("linear_qk_nope.weight")] for k in sds[0] if k.endswith("linear_qk_nope.weight")})
+        assert prefixes
+        for pre in prefixes:
+            # pp = 2 over 4 layers: stage p local l <- HF 2p + l; MTP <- HF 4
+            src = ("model.layers.4." if pre.startswith("mtp.") else f"model.layers.{2 * p + int(pre.split('.')[2])}.")
+            src += "self_attn."
+            pieces = {m: [sd[pre + f"{m}.weight"] for sd in sds] for m in MM_SPLIT}
+            for m in MM_SPLIT:
+                for piece in pieces[m]:
+                    assert tuple(piece.shape) == shapes[m]
+            full = {m: torch.cat(pieces[m], 0) for m in MM_SPLIT}
+            q_b = torch.cat([full["linear_qk_nope"].view(nh, dn, -1), full["linear_qk_rope"].view(nh, dr, -1)], 1)
+            kv_b = torch.cat([full["linear_kv_nope"].view(nh, dn, -1), full["linear_v"].view(nh, dv, -1)], 1)
+            q_b, kv_b = q_b.reshape(nh * (dn + dr), -1), kv_b.reshape(nh * (dn + dv), -1)
+            base_q = torch.cat([state(base, n)[pre + f"{up[0]}.weight"] for n in names_t], 0)
+            base_kv = torch.cat([state(base, n)[pre + f"{up[1]}.weight"] for n in names_t], 0)
+            assert same(q_b, base_q) and same(kv_b, base_kv)
+            assert same(q_b, w[src + "q_b_proj.weight"]) and same(kv_b, w[src + "kv_b_proj.weight"])
+        # rank t holds whole heads t*NH/TP ..: head h's nope rows are q_b rows h*(Dn+Dr) .. +Dn
+        pre = prefixes[0]
+        hpr = nh // tp
+        for t, sd in enumerate(sds):
+            q_full = torch.cat([state(base, n)[pre + f"{up[0]}.weight"] for n in names_t], 0)
+            for local in range(hpr):
+                h = t * hpr + local
+                assert same(sd[pre + "linear_qk_nope.weight"][local * dn:(local + 1) * dn],
+                            q_full[h * (dn + dr): h * (dn + dr) + dn])
+                assert same(sd[pre + "linear_qk_rope.weight"][local * dr:(local + 1) * dr],
+                            q_full[h * (dn + dr) + dn:(h + 1) * (dn + dr)])
