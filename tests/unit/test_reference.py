@@ -1202,3 +1202,137 @@ def test_mm_split_shapes_order_and_reassembly(bf16_dir, hf, tp, names):
                             q_full[h * (dn + dr): h * (dn + dr) + dn])
                 assert same(sd[pre + "linear_qk_rope.weight"][local * dr:(local + 1) * dr],
                             q_full[h * (dn + dr) + dn:(h + 1) * (dn + dr)])
+
+
+# --------------------------------------------------------------------------------------------------
+# moe-tp-extend-ep (spec 3.6) and expert-tensor-parallel-size 1 (spec 4.7)
+
+
+def _expert_pieces(sd, pre, gemm, n, h, fm):
+    """[(fc1 [2Fm, H], fc2 [H, Fm])] of a rank's n whole experts, read back per the view semantics."""
+    if gemm:
+        w1 = sd[pre + "mlp.experts.weight1"].view(n, h, 2 * fm)
+        w2 = sd[pre + "mlp.experts.weight2"].view(n, fm, h)
+        return [(w1[q].t(), w2[q].t()) for q in range(n)]
+    return [(sd[pre + f"mlp.experts.local_experts.{q}.linear_fc1.weight"],
+             sd[pre + f"mlp.experts.local_experts.{q}.linear_fc2.weight"]) for q in range(n)]
+
+
+def _whole(w, i, j):
+    x = f"model.layers.{i}.mlp.experts.{j}."
+    return torch.cat([w[x + "gate_proj.weight"], w[x + "up_proj.weight"]], 0), w[x + "down_proj.weight"]
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+@pytest.mark.parametrize("tp,ep", [(2, 1), (2, 2), (4, 2), (2, 4), (4, 1), (1, 4)])
+def test_tp_extend_ep_whole_experts_in_buckets(bf16_dir, hf, tp, ep, gemm):
+    c, w = hf
+    h, fm, e_total = c["hidden_size"], c["moe_intermediate_size"], c["n_routed_experts"]
+    n = e_total // (ep * tp)
+    out = reference_hf_to_mcore(bf16_dir, tp=tp, ep=ep, moe_grouped_gemm=gemm, mtp_num_layers=1,
+                                moe_tp_extend_ep=True)
+    base = reference_hf_to_mcore(bf16_dir, tp=tp, ep=ep, moe_grouped_gemm=gemm, mtp_num_layers=1)
+    assert set(out) == set(base) and len(out) == 1 + tp * ep
+    shapes = appendix_a_shapes(c, tp, ep)
+    for pre, hf_i in [("decoder.layers.1.", 1), ("decoder.layers.3.", 3), ("mtp.layers.0.transformer_layer.", 4)]:
+        covered = []
+        for t in range(tp):
+            for e in range(ep):
+                name = rank_dir_name_(t, e, ep)
+                sd, bsd = state(out, name), state(base, name)
+                # everything but routed experts (shared experts included) as without tp-extend-ep
+                assert [k for k in sd if ".experts." not in k or "shared" in k] == \
+                       [k for k in bsd if ".experts." not in k or "shared" in k]
+                for key in sd:
+                    if ".mlp.experts." not in key:
+                        assert same(sd[key], bsd[key]), key
+                assert tuple(sd[pre + "mlp.shared_experts.linear_fc1.weight"].shape) == shapes["shared_fc1"]
+                if gemm:
+                    assert tuple(sd[pre + "mlp.experts.weight1"].shape) == (h, n * 2 * fm)
+                    assert tuple(sd[pre + "mlp.experts.weight2"].shape) == (n * fm, h)
+                else:
+                    assert sum(k.startswith(pre + "mlp.experts.local_experts.") for k in sd) == 2 * n
+                b = e * tp + t
+                for q, (fc1, fc2) in enumerate(_expert_pieces(sd, pre, gemm, n, h, fm)):
+                    j = b * n + q
+                    want1, want2 = _whole(w, hf_i, j)
+                    assert same(fc1.contiguous(), want1) and same(fc2.contiguous(), want2), (name, q)
+                    covered.append(j)
+        assert sorted(covered) == list(range(e_total))
+
+
+def rank_dir_name_(t, e, ep, p=None):
+    name = f"mp_rank_{t:02d}"
+    if p is not None:
+        name += f"_{p:03d}"
+    if ep > 1:
+        name += f"_{e:03d}"
+    return name
+
+
+def test_tp_extend_ep_allows_dualpipev_tp2_and_validates(bf16_dir, hf):
+    _, w = hf
+    out = reference_hf_to_mcore(bf16_dir, tp=2, pp=2, mtp_num_layers=1, dualpipev=True,
+                                moe_grouped_gemm=True, moe_tp_extend_ep=True)
+    assert len(out) == 1 + 4
+    f = out[rank_path("mp_rank_01_000")]
+    assert _layers_of(f["model1"], w) == [(0, 3)]
+    fc1, _ = _expert_pieces(f["model1"], "decoder.layers.0.", True, 4, 64, 32)[0]
+    assert same(fc1.contiguous(), _whole(w, 3, 4)[0])  # bucket 1 = experts 4..7
+    with pytest.raises(ValueError, match="ep \\* tp"):
+        reference_hf_to_mcore(bf16_dir, tp=4, ep=4, moe_tp_extend_ep=True)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        reference_hf_to_mcore(bf16_dir, tp=2, moe_tp_extend_ep=True, expert_tensor_parallel_size=1)
+
+
+@pytest.mark.parametrize(
+    "tp,ep,pairs",
+    [
+        (4, 2, [(0, 0), (1, 1), (2, 0), (3, 1)]),
+        (2, 4, [(0, 0), (1, 1), (0, 2), (1, 3)]),
+        (2, 2, [(0, 0), (1, 1)]),
+        (4, 1, [(0, 0), (1, 0), (2, 0), (3, 0)]),
+        (1, 8, [(0, e) for e in range(8)]),
+    ],
+)
+@pytest.mark.parametrize("gemm", [False, True])
+def test_etp1_file_set_and_whole_experts(bf16_dir, hf, tp, ep, pairs, gemm):
+    c, w = hf
+    h, fm, e_total = c["hidden_size"], c["moe_intermediate_size"], c["n_routed_experts"]
+    n = e_total // ep
+    out = reference_hf_to_mcore(bf16_dir, tp=tp, pp=2, ep=ep, moe_grouped_gemm=gemm, mtp_num_layers=1,
+                                expert_tensor_parallel_size=1)
+    want = {rank_path(rank_dir_name_(t, e, ep, p)) for t, e in pairs for p in range(2)}
+    assert set(out) == {"latest_checkpointed_iteration.txt"} | want
+    base = reference_hf_to_mcore(bf16_dir, tp=tp, pp=2, ep=ep, moe_grouped_gemm=gemm, mtp_num_layers=1)
+    for p, pre, hf_i in [(0, "decoder.layers.1.", 1), (1, "decoder.layers.1.", 3),
+                         (1, "mtp.layers.0.transformer_layer.", 4)]:
+        covered = {}
+        for t, e in pairs:
+            name = rank_dir_name_(t, e, ep, p)
+            sd, bsd = state(out, name), state(base, name)
+            for key in sd:  # non-expert tensors TP-split by t as usual
+                if ".mlp.experts." not in key:
+                    assert same(sd[key], bsd[key]), key
+            if gemm:
+                assert tuple(sd[pre + "mlp.experts.weight1"].shape) == (h, n * 2 * fm)
+                assert tuple(sd[pre + "mlp.experts.weight2"].shape) == (n * fm, h)
+            for q, (fc1, fc2) in enumerate(_expert_pieces(sd, pre, gemm, n, h, fm)):
+                j = e * n + q
+                want1, want2 = _whole(w, hf_i, j)
+                assert same(fc1.contiguous(), want1) and same(fc2.contiguous(), want2)
+                covered.setdefault(j, set()).add(t)
+        assert sorted(covered) == list(range(e_total))  # every expert present, whole
+
+
+def test_etp1_tp1_equals_default_and_validation(bf16_dir, tmp_path):
+    kwargs = dict(pp=2, ep=4, moe_grouped_gemm=True, mtp_num_layers=1)
+    assert_same_checkpoint(reference_hf_to_mcore(bf16_dir, expert_tensor_parallel_size=1, **kwargs),
+                           reference_hf_to_mcore(bf16_dir, **kwargs), check_order=True)
+    build_tiny_hf(tmp_path, n_routed_experts=12)
+    with pytest.raises(ValueError, match="tp % ep"):  # ep 6 divides 12 experts, but neither of tp 4, ep 6 divides the other
+        reference_hf_to_mcore(str(tmp_path), tp=4, ep=6, expert_tensor_parallel_size=1)
+    with pytest.raises(ValueError, match="dualpipev"):
+        reference_hf_to_mcore(bf16_dir, tp=2, pp=2, dualpipev=True, expert_tensor_parallel_size=1)
+    with pytest.raises(ValueError, match="None or 1"):
+        reference_hf_to_mcore(bf16_dir, tp=2, expert_tensor_parallel_size=2)
