@@ -47,6 +47,14 @@ def add_hf2mcore_flags(p: argparse.ArgumentParser) -> None:
                    help="layers per pipeline stage (exactly PP entries)")
     p.add_argument("--schedules-method", choices=["dualpipev"], default=None,
                    help="dualpipev: two chunks per stage, down then back up")
+    p.add_argument("--moe-tp-extend-ep", action="store_true",
+                   help="experts whole, dealt in EP x TP buckets (the TP group becomes extra expert parallelism)")
+    p.add_argument("--expert-tensor-parallel-size", type=int, default=None, choices=[1], metavar="1",
+                   help="1: experts whole by EP rank; only the (tp, ep) rank files Megatron instantiates")
+    p.add_argument("--mla-mm-split", action="store_true",
+                   help="split the MLA up-projections into linear_qk_nope/qk_rope/kv_nope/v")
+    p.add_argument("--mla-key-names", choices=["current", "legacy"], default="current",
+                   help="legacy: linear_qb/linear_kvb/k_layernorm (checkpoints made before 2025-07-23)")
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -78,5 +86,8 @@ def plan_hf2mcore_from_args(args):
     options = McoreOptions(moe_grouped_gemm=args.moe_grouped_gemm, mtp_num_layers=args.mtp_num_layers,
                            num_layers=args.num_layers, first_k_dense_replace=args.first_k_dense_replace,
                            vpp_layers=args.num_layers_per_virtual_pipeline_stage, noop_layers=args.noop_layers,
-                           num_layer_list=args.num_layer_list, dualpipev=args.schedules_method == "dualpipev")
+                           num_layer_list=args.num_layer_list, dualpipev=args.schedules_method == "dualpipev",
+                           moe_tp_extend_ep=args.moe_tp_extend_ep,
+                           expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+                           mla_mm_split=args.mla_mm_split, mla_key_names=args.mla_key_names)
     return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, options)

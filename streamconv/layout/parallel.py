@@ -65,6 +65,20 @@ def rank_files(sizes: ParallelSizes) -> list[RankFile]:
     return [RankFile(t, p, e) for p in range(sizes.pp) for e in range(sizes.ep) for t in range(sizes.tp)]
 
 
+def etp1_rank_files(sizes: ParallelSizes) -> list[RankFile]:
+    """With expert tensor parallel size 1, the (tp, ep) pairs Megatron instantiates (and writes): (t, t mod EP)
+    when EP divides TP, (e mod TP, e) when TP divides EP (spec §4.7)."""
+    if sizes.tp % sizes.ep == 0:
+        pairs = [(t, t % sizes.ep) for t in range(sizes.tp)]
+    elif sizes.ep % sizes.tp == 0:
+        pairs = [(e % sizes.tp, e) for e in range(sizes.ep)]
+    else:
+        raise ValidationError(f"--expert-tensor-parallel-size 1 needs TP ({sizes.tp}) and EP ({sizes.ep}) to divide "
+                              f"one another.")
+    return sorted((RankFile(t, p, e) for p in range(sizes.pp) for t, e in pairs),
+                  key=lambda r: (r.pp_rank, r.ep_rank, r.tp_rank))
+
+
 def expert_range(ep_rank: int, ep: int, num_experts: int) -> range:
     """Global experts held by EP rank ``ep_rank``: a contiguous block of E/EP (spec §3.6)."""
     if num_experts % ep:

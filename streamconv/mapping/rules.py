@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from ..graph.node import Node, cat, chunk, transpose, view
+from ..graph.node import Node, cat, chunk, slice_, transpose, view
 
 
 class Split(str, Enum):
@@ -50,6 +50,19 @@ def apply_split(split: Split, sources: list[Node], tp: int, t: int) -> Node:
     if split is Split.FUSED_ROWS:
         return cat(list(sources), 0)
     raise ValueError(f"unknown split {split}")
+
+
+def head_part(x: Node, heads: int, parts: tuple[int, ...], index: int) -> Node:
+    """Rows of part ``index`` of every head of a head-major ``[heads * sum(parts), in]`` weight, head-major.
+
+    ``q_b_proj`` is ``[NH * (Dn + Dr), Rq]`` with each head's Dn "nope" rows then its Dr "rope" rows;
+    ``head_part(q_b, NH, (Dn, Dr), 1)`` is ``[NH * Dr, Rq]`` (MindSpeed's ``--mla-mm-split`` ``linear_qk_rope``).
+    """
+    width, cols = sum(parts), x.shape[1]
+    per_head = view(x, (heads, width, cols))
+    start = sum(parts[:index])
+    offsets, lengths = (0, start, 0), (heads, parts[index], cols)
+    return view(slice_(per_head, offsets, lengths), (heads * parts[index], cols))
 
 
 def grouped_weight1(fc1_pieces: list[Node]) -> Node:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from ..errors import ValidationError
 from ..graph.node import Node
-from ..layout.parallel import ParallelSizes, RankFile, expert_range, rank_files
+from ..layout.parallel import ParallelSizes, RankFile, etp1_rank_files, expert_range, rank_files
 from ..layout.pipeline import PipelineLayout, place_slots
 from ..layout.pipeline import validate as validate_pipeline
-from ..mapping.rules import Split, apply_split, grouped_weight1, grouped_weight2
+from ..mapping.rules import Split, apply_split, grouped_weight1, grouped_weight2, head_part
 from ..mapping.sources import SourceTensors
 
 MODEL_TYPE = "deepseek_v3"
@@ -78,6 +78,10 @@ class McoreOptions:
     noop_layers: tuple[int, ...] = ()          # --noop-layers
     num_layer_list: tuple[int, ...] | None = None  # --num-layer-list
     dualpipev: bool = False                    # --schedules-method dualpipev
+    mla_key_names: str = "current"             # "legacy": checkpoints made before 2025-07-23
+    mla_mm_split: bool = False                 # --mla-mm-split
+    moe_tp_extend_ep: bool = False             # --moe-tp-extend-ep: experts whole, TP becomes extra EP
+    expert_tensor_parallel_size: int | None = None  # 1: experts whole by EP rank, only instantiated ranks
 
 
 # --- the HF side: every tensor the checkpoint must contain (validation and coverage) -----------------------------
@@ -154,11 +158,29 @@ ATTENTION = [
      ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"), Split.FUSED_ROWS),  # LinearNoTP
     ("self_attention.q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), Split.REPLICATED),
     ("self_attention.kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), Split.REPLICATED),
+]
+# The up-projections: whole (default), or split per head part with --mla-mm-split (spec §3.4).
+ATTENTION_UP = [
     ("self_attention.linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), Split.COLUMN),    # whole heads
     ("self_attention.linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), Split.COLUMN),  # whole heads
+]
+# (target, source, per-head parts as config fields, which part); each is then split by whole heads over TP.
+MLA_MM_SPLIT = [
+    ("self_attention.linear_qk_nope.weight", "self_attn.q_b_proj.weight", ("qk_nope_head_dim", "qk_rope_head_dim"), 0),
+    ("self_attention.linear_qk_rope.weight", "self_attn.q_b_proj.weight", ("qk_nope_head_dim", "qk_rope_head_dim"), 1),
+    ("self_attention.linear_kv_nope.weight", "self_attn.kv_b_proj.weight", ("qk_nope_head_dim", "v_head_dim"), 0),
+    ("self_attention.linear_v.weight", "self_attn.kv_b_proj.weight", ("qk_nope_head_dim", "v_head_dim"), 1),
+]
+ATTENTION_OUT = [
     ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), Split.ROW),
     ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), Split.REPLICATED),
 ]
+# MindSpeed's MLA names before 2025-07-23 (--mla-key-names legacy).
+LEGACY_MLA_NAMES = {
+    "self_attention.linear_q_up_proj.weight": "self_attention.linear_qb.weight",
+    "self_attention.linear_kv_up_proj.weight": "self_attention.linear_kvb.weight",
+    "self_attention.kv_layernorm.weight": "self_attention.k_layernorm.weight",
+}
 
 DENSE_MLP = [
     ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), Split.GATED_COLUMN),
@@ -173,7 +195,7 @@ MOE_MLP = [
     ("mlp.shared_experts.linear_fc2.weight", ("mlp.shared_experts.down_proj.weight",), Split.ROW),
 ]
 
-# Routed expert j, per rank slice of the expert tensor-parallel group (TPe = TP here).
+# Routed expert j, per rank slice of the expert tensor-parallel group (TPe = TP, or 1 with tp-extend-ep / ETP 1).
 EXPERT_FC1 = (("mlp.experts.{j}.gate_proj.weight", "mlp.experts.{j}.up_proj.weight"), Split.GATED_COLUMN)
 EXPERT_FC2 = (("mlp.experts.{j}.down_proj.weight",), Split.ROW)
 
@@ -226,9 +248,22 @@ def validate(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> tupl
     elif o.dualpipev and first_k != c.first_k_dense_replace:
         problems.append("--first-k-dense-replace smaller than the checkpoint's is not supported with dualpipev "
                         "(MindSpeed does not apply it there either).")
-    if o.dualpipev and tp > 1:
+    if o.dualpipev and tp > 1 and not o.moe_tp_extend_ep:
         problems.append("--schedules-method dualpipev with --target-tensor-parallel-size > 1 needs "
-                        "--moe-tp-extend-ep, which is not supported yet.")
+                        "--moe-tp-extend-ep.")
+    if o.mla_key_names not in ("current", "legacy"):
+        problems.append(f"--mla-key-names {o.mla_key_names!r}: expected 'current' or 'legacy'.")
+    if o.expert_tensor_parallel_size not in (None, 1, tp):
+        problems.append(f"--expert-tensor-parallel-size {o.expert_tensor_parallel_size}: only 1 or the tensor "
+                        f"parallel size ({tp}) are supported.")
+    etp1 = o.expert_tensor_parallel_size == 1 and tp > 1
+    if etp1 and o.moe_tp_extend_ep:
+        problems.append("--expert-tensor-parallel-size 1 and --moe-tp-extend-ep are mutually exclusive.")
+    if etp1 and tp % ep and ep % tp:
+        problems.append(f"--expert-tensor-parallel-size 1 needs TP ({tp}) and EP ({ep}) to divide one another.")
+    if o.moe_tp_extend_ep and c.n_routed_experts % (ep * tp):
+        problems.append(f"--moe-tp-extend-ep: EP x TP = {ep * tp} does not divide n_routed_experts = "
+                        f"{c.n_routed_experts}.")
     if o.mtp_num_layers < 0 or o.mtp_num_layers > c.num_nextn_predict_layers:
         problems.append(f"--mtp-num-layers {o.mtp_num_layers}: the checkpoint has {c.num_nextn_predict_layers} "
                         f"MTP layer(s) (num_nextn_predict_layers in config.json). Pass at most that.")
@@ -236,7 +271,8 @@ def validate(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> tupl
         ("num_attention_heads", c.num_attention_heads, tp, "--target-tensor-parallel-size"),
         ("vocab_size", c.vocab_size, tp, "--target-tensor-parallel-size"),
         ("intermediate_size", c.intermediate_size, tp, "--target-tensor-parallel-size"),
-        ("moe_intermediate_size", c.moe_intermediate_size, tp, "--target-tensor-parallel-size"),
+        ("moe_intermediate_size", c.moe_intermediate_size,
+         1 if (o.moe_tp_extend_ep or o.expert_tensor_parallel_size == 1) else tp, "--target-tensor-parallel-size"),
         ("moe_intermediate_size * n_shared_experts", c.shared_ffn, tp, "--target-tensor-parallel-size"),
         ("n_routed_experts", c.n_routed_experts, ep, "--target-expert-parallel-size"),
     ]
@@ -263,7 +299,8 @@ def build_rank_tensors(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOption
     final_norm = "final_layernorm.weight" if o.mtp_num_layers else "decoder.final_layernorm.weight"
 
     out: dict[RankFile, list[TargetTensor]] = {}
-    for r in rank_files(sizes):
+    ranks = etp1_rank_files(sizes) if o.expert_tensor_parallel_size == 1 else rank_files(sizes)
+    for r in ranks:
         t = r.tp_rank
         tensors: list[TargetTensor] = []
         for group in layout.groups():
@@ -309,14 +346,24 @@ def _table(rows, src: SourceTensors, tp: int, t: int, prefix: str, hf_prefix: st
 def _layer(c, sizes, o, src, r: RankFile, prefix: str, hf_prefix: str, dense: bool) -> list[tuple[str, Node]]:
     t, tp = r.tp_rank, sizes.tp
     items = _table(ATTENTION, src, tp, t, prefix, hf_prefix)
+    if o.mla_mm_split:
+        for target, source, parts, index in MLA_MM_SPLIT:
+            whole = head_part(src.get(hf_prefix + source), c.num_attention_heads,
+                              tuple(getattr(c, f) for f in parts), index)
+            items.append((prefix + target, apply_split(Split.COLUMN, [whole], tp, t)))
+    else:
+        items += _table(ATTENTION_UP, src, tp, t, prefix, hf_prefix)
+    items += _table(ATTENTION_OUT, src, tp, t, prefix, hf_prefix)
+    if o.mla_key_names == "legacy":
+        items = [(_legacy(name, prefix), node) for name, node in items]
     if dense:
         return items + _table(DENSE_MLP, src, tp, t, prefix, hf_prefix)
     items += _table(MOE_MLP, src, tp, t, prefix, hf_prefix)
-    experts = expert_range(r.ep_rank, sizes.ep, c.n_routed_experts)
+    experts, tpe, te = _expert_slice(c, sizes, o, r)
 
     def piece(rule, j):
         names, split = rule
-        return apply_split(split, [src.get(hf_prefix + n.format(j=j)) for n in names], tp, t)
+        return apply_split(split, [src.get(hf_prefix + n.format(j=j)) for n in names], tpe, te)
 
     if o.moe_grouped_gemm:
         items.append((prefix + "mlp.experts.weight1", grouped_weight1([piece(EXPERT_FC1, j) for j in experts])))
@@ -327,6 +374,21 @@ def _layer(c, sizes, o, src, r: RankFile, prefix: str, hf_prefix: str, dense: bo
             items.append((base + "linear_fc1.weight", piece(EXPERT_FC1, j)))
             items.append((base + "linear_fc2.weight", piece(EXPERT_FC2, j)))
     return items
+
+
+def _legacy(name: str, prefix: str) -> str:
+    suffix = name[len(prefix):]
+    return prefix + LEGACY_MLA_NAMES.get(suffix, suffix)
+
+
+def _expert_slice(c, sizes: ParallelSizes, o: McoreOptions, r: RankFile) -> tuple[range, int, int]:
+    """(global experts of rank r, expert-TP size, expert-TP rank), spec §3.6 and §4.7."""
+    if o.moe_tp_extend_ep:  # TP becomes extra EP: bucket e*TP + t of E/(EP*TP) whole experts
+        bucket = r.ep_rank * sizes.tp + r.tp_rank
+        return expert_range(bucket, sizes.ep * sizes.tp, c.n_routed_experts), 1, 0
+    if o.expert_tensor_parallel_size == 1:  # whole experts by EP rank
+        return expert_range(r.ep_rank, sizes.ep, c.n_routed_experts), 1, 0
+    return expert_range(r.ep_rank, sizes.ep, c.n_routed_experts), sizes.tp, r.tp_rank
 
 
 def _declare_dropped(c, sizes, o, src: SourceTensors, hf_layers: list[int]) -> None:
