@@ -1,5 +1,6 @@
-"""Pipeline layout options end to end, byte for byte against the eager reference: VPP, noop slots,
-num-layer-list, dualpipev, alone and in the combinations the DeepSeek-V3 training scripts use (scaled down)."""
+"""Layout options end to end, byte for byte against the eager reference: VPP, noop slots, num-layer-list,
+dualpipev, mla-mm-split, legacy names, tp-extend-ep, expert-TP 1, alone and in the combinations the
+DeepSeek-V3 training scripts use (scaled down)."""
 
 import dataclasses
 
@@ -43,6 +44,14 @@ CASES = [
     dict(pp=1, dualpipev=True, mtp=0),
     dict(tp=2, pp=2, num_layer_list=(1, 3), ep=4),                          # uneven stages
     dict(tp=2, pp=2, num_layer_list=(3, 1), mtp=0, gg=False),
+    dict(tp=2, mla_mm_split=True),                                          # linear_qk_nope/qk_rope/kv_nope/v
+    dict(tp=4, pp=2, mla_mm_split=True, mla_key_names="legacy"),
+    dict(tp=2, mla_key_names="legacy", gg=False),                           # linear_qb/linear_kvb/k_layernorm
+    dict(tp=2, ep=4, moe_tp_extend_ep=True),                                # the issue's TP 2 EP 4 + GEMM case
+    dict(tp=2, ep=2, moe_tp_extend_ep=True, gg=False),                      # correct without GEMM (spec §10.5)
+    dict(tp=2, pp=2, ep=2, moe_tp_extend_ep=True, dualpipev=True),          # dualpipev at TP 2
+    dict(tp=4, ep=8, expert_tensor_parallel_size=1),                        # ETP 1 with TP 4 EP 8
+    dict(tp=4, pp=2, ep=2, expert_tensor_parallel_size=1, gg=False),
 ]
 
 
@@ -70,9 +79,12 @@ def test_a3_script_layout(deep_hf, tmp_path):
     (dict(pp=2, vpp_layers=3), "does not divide the 2 layers of a stage"),
     (dict(pp=2, num_layer_list=(1, 2)), "summing to --num-layers 4"),
     (dict(dualpipev=True, first_k_dense_replace=0), "not supported with dualpipev"),
+    (dict(tp=2, moe_tp_extend_ep=True, expert_tensor_parallel_size=1), "mutually exclusive"),
+    (dict(tp=4, moe_tp_extend_ep=True, ep=4), "EP x TP = 16 does not divide n_routed_experts = 8"),
+    (dict(mla_key_names="ancient"), "expected 'current' or 'legacy'"),
 ])
 def test_contradictory_layouts_refused_before_writing(tiny_hf, tmp_path, case, match):
-    tp, pp = case.pop("tp", 1), case.pop("pp", 1)
+    tp, pp, ep = case.pop("tp", 1), case.pop("pp", 1), case.pop("ep", 1)
     with pytest.raises(ValidationError, match=match):
-        plan_hf_to_mcore(tiny_hf["fp8"], str(tmp_path / "out"), ParallelSizes(tp, pp, 1), McoreOptions(**case))
+        plan_hf_to_mcore(tiny_hf["fp8"], str(tmp_path / "out"), ParallelSizes(tp, pp, ep), McoreOptions(**case))
     assert not (tmp_path / "out").exists()
