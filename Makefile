@@ -33,7 +33,7 @@ test-slow: venv
 
 # Re-generate the saved example plans in plans/ (a test checks they are in sync).
 plans: venv
-	$(PY) plans/generate.py
+	$(PY) plans/generate.py && $(PY) plans/recipes.py
 
 bench: venv
 	$(PY) -m pip install --quiet -e '.[bench]' && $(PY) -m benchmarks

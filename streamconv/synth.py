@@ -473,8 +473,13 @@ def generate_band(cfg: SynthConfig, spec: TensorSpec, r0: int, r1: int) -> list[
 ProgressFn = Callable[[str, int, int], None]  # (tensor name, bytes done, bytes total)
 
 
-def synth_checkpoint(out_dir: str, cfg: SynthConfig, *, progress: ProgressFn | None = None) -> dict:
+def synth_checkpoint(out_dir: str, cfg: SynthConfig, *, progress: ProgressFn | None = None,
+                     headers_only: bool = False) -> dict:
     """Write the checkpoint of ``cfg`` into ``out_dir`` (created if missing) and return a summary.
+
+    ``headers_only``: every shard gets its real header and its full size, but as a sparse file with no data
+    written (reads give zeros).  Planning needs only headers, so a 671B checkpoint can be planned from a few
+    MB of disk.
 
     Order: ``config.json``, the shards (each renamed into place when complete), then the index.  An index
     already in ``out_dir`` is removed first, so a crashed run never looks complete.
@@ -498,7 +503,12 @@ def synth_checkpoint(out_dir: str, cfg: SynthConfig, *, progress: ProgressFn | N
     fileio.atomic_write_bytes(os.path.join(out_dir, CONFIG_NAME), _json_bytes(config_json(cfg)))
     log.info("writing %d tensors (%.3f GB) in %d shards to %s", sum(len(s.tensors) for s in shards),
              total / 1e9, len(shards), out_dir)
-    _write_shards(out_dir, cfg, shards, total, progress)
+    if headers_only:
+        for shard in shards:
+            entries = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+            SafetensorsWriter(os.path.join(out_dir, shard.file_name), entries, {"format": "pt"}).close()
+    else:
+        _write_shards(out_dir, cfg, shards, total, progress)
     weight_map = {t.name: s.file_name for s in shards for t in s.tensors}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     fileio.atomic_write_bytes(index_path, _json_bytes(index))

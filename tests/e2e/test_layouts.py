@@ -65,6 +65,11 @@ def test_pretrain_script_layout(deep_hf, tmp_path):
     check(deep_hf, tmp_path, pp=4, ep=2, num_layers=16, noop_layers=(13, 14, 15), dualpipev=True)
 
 
+def test_pp4_vpp_noop_layout(deep_hf, tmp_path):
+    """PP 4 with VPP and noop: 16 slots, 2 layers per virtual chunk, noop 5,14,15, local experts."""
+    check(deep_hf, tmp_path, pp=4, ep=2, num_layers=16, noop_layers=(5, 14, 15), vpp_layers=2, gg=False)
+
+
 def test_a3_script_layout(deep_hf, tmp_path):
     """PP with VPP and noop (the A3 scripts): 16 slots, PP 2, 2 layers per virtual chunk, noop 7,14,15."""
     check(deep_hf, tmp_path, tp=2, pp=2, ep=2, num_layers=16, noop_layers=(7, 14, 15), vpp_layers=2)
