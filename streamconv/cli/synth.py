@@ -44,6 +44,8 @@ def register(sub) -> None:
     p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                    help="start a new shard before exceeding SIZE, e.g. 512MiB (the default) or 5GB")
     p.add_argument("--dry-run", action="store_true", help="print the files, tensors and bytes; write nothing")
+    p.add_argument("--headers-only", action="store_true",
+                   help="real headers and sizes, no data (sparse files): enough to plan, e.g. the 671b preset")
     p.set_defaults(func=run)
 
 
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dry run: would write {synth.CONFIG_NAME}, {len(shards)} shards, {synth.INDEX_NAME} "
               f"({sum(len(s.tensors) for s in shards)} tensors, {human(total)}) to {args.save_dir}; nothing written")
         return 0
-    summary = synth.synth_checkpoint(args.save_dir, cfg)
+    summary = synth.synth_checkpoint(args.save_dir, cfg, headers_only=args.headers_only)
     print(f"wrote {summary['tensors']} tensors ({human(summary['bytes'])}) in {summary['shards']} shards to "
           f"{args.save_dir} [{describe(cfg)}]")
     return 0
