@@ -1,4 +1,4 @@
-"""Value types shared by every layer: the one dtype table, shapes and byte ranges.
+"""Value types shared by every layer: the one dtype table and shapes.
 
 This module imports nothing from streamconv, and nothing heavier than torch and numpy.
 """
@@ -72,15 +72,3 @@ def from_torch(t: torch.dtype) -> DType:
 
 def nbytes(dtype_name: str, shape: Shape) -> int:
     return DTYPES[dtype_name].nbytes(shape)
-
-
-@dataclass(frozen=True)
-class ByteRange:
-    """A byte range ``[start, end)`` of a file (exclusive end, as zarr and HTTP ranges name it)."""
-
-    start: int
-    end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start

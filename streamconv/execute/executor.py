@@ -76,10 +76,8 @@ class RunResult:
 
 # --- preflight -------------------------------------------------------------------------------------------------
 
-def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None) -> None:
-    """Every check that can fail before a byte is written: sources unchanged, target usable, space enough.
-
-    ``done``: files a previous run of this plan completed (resume); None when there is nothing to resume."""
+def source_problems(plan: Plan) -> list[str]:
+    """Source files named by the plan that are missing or changed since it was made (one line each)."""
     problems = []
     for s in plan.source_files:
         path = os.path.join(plan.source_root, s.name)
@@ -91,6 +89,14 @@ def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None)
         if size != s.size or header_digest(path) != s.header_sha256:
             problems.append(f"{path}: changed since the plan was made (size {size}, planned {s.size}, or "
                             f"header differs). Re-create the plan.")
+    return problems
+
+
+def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None) -> None:
+    """Every check that can fail before a byte is written: sources unchanged, target usable, space enough.
+
+    ``done``: files a previous run of this plan completed (resume); None when there is nothing to resume."""
+    problems = source_problems(plan)
     root = plan.target_root
     if os.path.exists(root) and not os.path.isdir(root):
         problems.append(f"{root}: target exists and is not a directory.")

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ValidationError
 from ..plan.plan import Plan
 from ..storage import fileio
 from ..storage.safetensors import tensor_bytes
 from . import journal, writers
-from .executor import preflight, RunOptions
+from .executor import source_problems
 from .kernels import materialize
 
 _CHUNK = 64 << 20
@@ -102,13 +101,10 @@ def verify_plan(plan: Plan, *, sample: int | None = None, rederive: int = 0, see
 
 
 def _rederive(plan: Plan, k: int, rng: random.Random, report: Report) -> None:
-    try:
-        preflight(plan, RunOptions(overwrite=True))
-    except ValidationError as exc:
-        stale = [p for p in exc.problems if "source" in p or "changed" in p]
-        if stale:
-            report.problems.append(f"cannot re-derive tensors: {stale[0]}")
-            return
+    stale = source_problems(plan)
+    if stale:
+        report.problems.append(f"cannot re-derive tensors: {stale[0]}")
+        return
     candidates = [(f, i) for f in plan.files if f.tensors for i in range(len(f.tensors))]
     for f, i in rng.sample(candidates, min(k, len(candidates))):
         path = os.path.join(plan.target_root, *f.path.split("/"))

@@ -33,9 +33,7 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes,
                               f"(expected {dsv3.MODEL_TYPE!r}); no other model family is supported yet.")
     cfg = dsv3.DeepSeekV3Config.from_json(cfg_json, path=os.path.join(src.root, "config.json"))
     check_source_against_config(src, cfg)
-    dsv3.validate(cfg, sizes, options)
-
-    per_rank = dsv3.build_rank_tensors(cfg, sizes, options, src)
+    per_rank = dsv3.build_rank_tensors(cfg, sizes, options, src)  # validates flags against the model first
     groups = dsv3.pipeline_layout(cfg, sizes, options).groups()
     leftover = src.unaccounted()
     if leftover:
