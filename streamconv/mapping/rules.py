@@ -23,6 +23,7 @@ from __future__ import annotations
 from enum import Enum
 
 from ..graph.node import Node, cat, chunk, slice_, transpose, view
+from ..graph.rewrite import narrow
 
 
 class Split(str, Enum):
@@ -75,3 +76,61 @@ def grouped_weight1(fc1_pieces: list[Node]) -> Node:
 def grouped_weight2(fc2_pieces: list[Node]) -> Node:
     """Stack per-expert fc2 pieces ([H, F] each) into Megatron's ``weight2`` [n*F, H]."""
     return cat([transpose(p) for p in fc2_pieces], 0)
+
+
+# --- the inverse rules (mcore -> HF): each undoes its forward counterpart above ------------------------------------
+
+def merge_split(split: Split, pieces: list[Node], part_rows: tuple[int, ...] = ()) -> list[Node]:
+    """The source tensors of ``split`` rebuilt from every rank's piece (``pieces[t]`` for TP rank t).
+
+    Inverse of :func:`apply_split`: ``merge_split(s, [apply_split(s, X, tp, t) for t in range(tp)])`` is X.
+    REPLICATED takes rank 0's copy (the planner checks the others when asked); FUSED_ROWS needs the row
+    count of each fused source in ``part_rows``.
+    """
+    if split is Split.REPLICATED:
+        return [pieces[0]]
+    if split is Split.COLUMN:
+        return [cat(pieces, 0)]
+    if split is Split.ROW:
+        return [cat(pieces, 1)]
+    if split is Split.GATED_COLUMN:
+        halves = [_rows(p, 2) for p in pieces]
+        return [cat([gate for gate, _ in halves], 0), cat([up for _, up in halves], 0)]
+    if split is Split.FUSED_ROWS:
+        x = pieces[0]
+        if sum(part_rows) != x.shape[0]:
+            raise ValueError(f"fused rows {part_rows} do not add up to {x.shape[0]}")
+        out, start = [], 0
+        for n in part_rows:
+            out.append(slice_(x, (start, 0), (n, x.shape[1])))
+            start += n
+        return out
+    raise ValueError(f"unknown split {split}")
+
+
+def _rows(x: Node, n: int) -> list[Node]:
+    return [chunk(x, n, i, 0) for i in range(n)]
+
+
+def merge_head_parts(parts: list[Node], heads: int) -> Node:
+    """Inverse of :func:`head_part`: interleave per-head parts ``[heads * p_k, in]`` back into
+    ``[heads * sum(p_k), in]`` (each head's part 0 rows, then its part 1 rows...)."""
+    cols = parts[0].shape[1]
+    per_head = [view(p, (heads, p.shape[0] // heads, cols)) for p in parts]
+    whole = cat(per_head, 1)
+    return view(whole, (heads * whole.shape[1], cols))
+
+
+def ungroup_weight1(weight1: Node, n: int) -> list[Node]:
+    """Inverse of :func:`grouped_weight1`: ``weight1`` [H, n*C] -> n per-expert fc1 pieces [C, H]."""
+    h, nc = weight1.shape
+    c = nc // n
+    stacked = view(weight1, (n * h, c))             # memory is [n, H, C]
+    # narrow, not slice: expert q's H*C elements are whole rows of weight1 when n divides H, so the
+    # restriction reaches the read and an expert costs its own bytes, not the whole stack's.
+    return [transpose(narrow(stacked, 0, q * h, (q + 1) * h)) for q in range(n)]
+
+
+def ungroup_weight2(weight2: Node, n: int) -> list[Node]:
+    """Inverse of :func:`grouped_weight2`: ``weight2`` [n*F, H] -> n per-expert fc2 pieces [H, F]."""
+    return [transpose(p) for p in _rows(weight2, n)]

@@ -7,16 +7,19 @@ defined in :mod:`streamconv.mapping.rules`.  Key names are the current MindSpeed
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import ValidationError
 from ..graph.node import Node
 from ..layout.parallel import ParallelSizes, RankFile, etp1_rank_files, expert_range, rank_files
 from ..layout.pipeline import PipelineLayout, place_slots
 from ..layout.pipeline import validate as validate_pipeline
-from ..mapping.rules import Split, apply_split, grouped_weight1, grouped_weight2, head_part
+from ..mapping.rules import (Split, apply_split, grouped_weight1, grouped_weight2, head_part, merge_head_parts,
+                             merge_split, ungroup_weight1, ungroup_weight2)
 from ..mapping.sources import SourceTensors
 
 MODEL_TYPE = "deepseek_v3"
@@ -289,39 +292,57 @@ def validate(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> tupl
 def build_rank_tensors(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions,
                        src: SourceTensors) -> dict[RankFile, list[TargetTensor]]:
     """Every rank file's ordered state dict, as nodes over ``src`` (spec §3, §4)."""
-    real, first_k = validate(c, sizes, o)
-    layout = pipeline_layout(c, sizes, o)
-    hf_layers = hf_layer_list(c, real, first_k)
-    by_chunk: dict[tuple[int, str], list[tuple[int, int]]] = defaultdict(list)
-    for i, slot in enumerate(place_slots(layout)):
-        by_chunk[(slot.pp_rank, slot.group)].append((slot.local, hf_layers[i]))
-    first, last = layout.first_chunk(), layout.last_chunk()
-    final_norm = "final_layernorm.weight" if o.mtp_num_layers else "decoder.final_layernorm.weight"
-
+    p = _placement(c, sizes, o)
     out: dict[RankFile, list[TargetTensor]] = {}
-    ranks = etp1_rank_files(sizes) if o.expert_tensor_parallel_size == 1 else rank_files(sizes)
-    for r in ranks:
+    for r in p.ranks:
         t = r.tp_rank
         tensors: list[TargetTensor] = []
-        for group in layout.groups():
+        for group in p.layout.groups():
             chunk = (r.pp_rank, group)
             items: list[tuple[str, Node]] = []
-            if chunk == first:
+            if chunk == p.first:
                 items.append(("embedding.word_embeddings.weight",
                               apply_split(Split.COLUMN, [src.get("model.embed_tokens.weight")], sizes.tp, t)))
-            for local, hf in by_chunk[chunk]:
+            for local, hf in p.by_chunk[chunk]:
                 items += _layer(c, sizes, o, src, r, f"decoder.layers.{local}.", f"model.layers.{hf}.",
-                                dense=hf < first_k)
-            if chunk == last:
-                items.append((final_norm, src.get("model.norm.weight")))
+                                dense=hf < p.first_k)
+            if chunk == p.last:
+                items.append((p.final_norm, src.get("model.norm.weight")))
                 items.append(("output_layer.weight",
                               apply_split(Split.COLUMN, [src.get("lm_head.weight")], sizes.tp, t)))
                 for m in range(o.mtp_num_layers):
                     items += _mtp(c, sizes, o, src, r, m)
             tensors += [TargetTensor(group, name, node) for name, node in items]
         out[r] = tensors
-    _declare_dropped(c, sizes, o, src, hf_layers)
+    _declare_dropped(c, sizes, o, src, p.hf_layers)
     return out
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where everything goes for one (config, sizes, options): shared by both directions."""
+
+    layout: PipelineLayout
+    ranks: list[RankFile]
+    hf_layers: list[int]                                   # HF layer of each real slot, in slot order
+    by_chunk: dict[tuple[int, str], list[tuple[int, int]]]  # (pp, group) -> [(local index, HF layer)]
+    first: tuple[int, str]                                 # chunk holding the embedding
+    last: tuple[int, str]                                  # chunk holding final norm, output layer, MTP
+    first_k: int
+    final_norm: str
+
+
+def _placement(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> _Placement:
+    real, first_k = validate(c, sizes, o)
+    layout = pipeline_layout(c, sizes, o)
+    hf_layers = hf_layer_list(c, real, first_k)
+    by_chunk: dict[tuple[int, str], list[tuple[int, int]]] = defaultdict(list)
+    for i, slot in enumerate(place_slots(layout)):
+        by_chunk[(slot.pp_rank, slot.group)].append((slot.local, hf_layers[i]))
+    ranks = etp1_rank_files(sizes) if o.expert_tensor_parallel_size == 1 else rank_files(sizes)
+    final_norm = "final_layernorm.weight" if o.mtp_num_layers else "decoder.final_layernorm.weight"
+    return _Placement(layout, ranks, hf_layers, by_chunk, layout.first_chunk(), layout.last_chunk(), first_k,
+                      final_norm)
 
 
 def _mtp(c, sizes, o, src: SourceTensors, r: RankFile, m: int) -> list[tuple[str, Node]]:
@@ -410,3 +431,133 @@ def _declare_dropped(c, sizes, o, src: SourceTensors, hf_layers: list[int]) -> N
         if sizes.pp == 1:
             src.drop(prefix + "embed_tokens.weight", "copy of model.embed_tokens; with PP 1 the MTP shares "
                                                      "the stage's embedding (spec §3.7)")
+
+
+# --- the reverse: mcore -> HF (spec §7), the same tables read backwards ---------------------------------------------
+
+class RankTensors(Protocol):
+    """What the reverse mapping needs from an mcore checkpoint: one rank file's tensor as a graph node."""
+
+    def get(self, rank: RankFile, group: str, name: str) -> Node:
+        ...
+
+
+def output_hf_config(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> dict[str, int]:
+    """The config.json fields that describe the HF checkpoint mcore -> HF writes (the layers it holds).
+
+    Layers are renumbered densely: output layer i is the i-th real slot, so a checkpoint converted with
+    ``--num-layers`` or a lower ``--first-k-dense-replace`` comes back as a smaller, valid model."""
+    p = _placement(c, sizes, o)
+    return {"num_hidden_layers": len(p.hf_layers), "first_k_dense_replace": p.first_k,
+            "num_nextn_predict_layers": o.mtp_num_layers}
+
+
+def build_hf_tensors(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions,
+                     src: RankTensors) -> dict[str, Node]:
+    """Every HF tensor of the checkpoint the mcore layout holds, in HF order, as nodes over ``src``.
+
+    The exact inverse of :func:`build_rank_tensors`: every rule is undone by its ``merge_*`` counterpart
+    (:mod:`streamconv.mapping.rules`).  Tensors held by several rank files (replicas across TP or EP) are
+    read from the first file that holds them; the planner can check the other copies."""
+    p = _placement(c, sizes, o)
+    holder: dict[tuple[int, int], RankFile] = {}  # (pp, tp) -> first rank file of that stage and TP rank
+    for r in p.ranks:
+        holder.setdefault((r.pp_rank, r.tp_rank), r)
+    slot_of = {hf: (pp, group, local) for (pp, group), items in p.by_chunk.items() for local, hf in items}
+
+    def pieces(chunk: tuple[int, str], name: str) -> list[Node]:
+        pp, group = chunk
+        return [src.get(holder[(pp, t)], group, name) for t in range(sizes.tp)]
+
+    out: dict[str, Node] = {}
+    (out["model.embed_tokens.weight"],) = merge_split(Split.COLUMN, pieces(p.first, "embedding.word_embeddings.weight"))
+    for i, hf in enumerate(p.hf_layers):
+        pp, group, local = slot_of[hf]
+        out.update(_unlayer(c, sizes, o, src, p, (pp, group), f"decoder.layers.{local}.", f"model.layers.{i}.",
+                            dense=hf < p.first_k))
+    (out["model.norm.weight"],) = merge_split(Split.REPLICATED, pieces(p.last, p.final_norm))
+    (out["lm_head.weight"],) = merge_split(Split.COLUMN, pieces(p.last, "output_layer.weight"))
+    for m in range(o.mtp_num_layers):
+        hf_prefix = f"model.layers.{len(p.hf_layers) + m}."
+        prefix = f"mtp.layers.{m}."
+        out.update(_unlayer(c, sizes, o, src, p, p.last, prefix + "transformer_layer.", hf_prefix, dense=False))
+        if sizes.pp > 1:  # the MTP stage's own copy of the embedding
+            (out[hf_prefix + "embed_tokens.weight"],) = merge_split(
+                Split.COLUMN, pieces(p.last, "embedding.word_embeddings.weight"))
+        else:             # PP 1: the MTP module shares the stage's embedding
+            out[hf_prefix + "embed_tokens.weight"] = out["model.embed_tokens.weight"]
+        for target, sources, split in MTP_EXTRA:
+            out.update(zip([hf_prefix + s for s in sources], merge_split(split, pieces(p.last, prefix + target))))
+        (out[hf_prefix + "shared_head.norm.weight"],) = merge_split(
+            Split.REPLICATED, pieces(p.last, f"mtp.final_layernorms.{m}.weight"))
+        out[hf_prefix + "shared_head.head.weight"] = out["lm_head.weight"]  # DeepSeek stores lm_head again
+    order = {name: k for k, name in enumerate(hf_tensor_shapes(_output_config(c, sizes, o)))}
+    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
+
+
+def _output_config(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> DeepSeekV3Config:
+    return dataclasses.replace(c, **output_hf_config(c, sizes, o))
+
+
+def _unlayer(c, sizes, o, src: RankTensors, p: _Placement, chunk: tuple[int, str], prefix: str, hf_prefix: str,
+             dense: bool) -> dict[str, Node]:
+    """Inverse of :func:`_layer`: one transformer layer's HF tensors from the rank files of ``chunk``."""
+    pp, group = chunk
+    holders = {}
+    for r in p.ranks:
+        if r.pp_rank == pp:
+            holders.setdefault(r.tp_rank, r)
+    shapes = _layer_shapes(c, dense)
+
+    def name_of(suffix: str) -> str:
+        return prefix + (LEGACY_MLA_NAMES.get(suffix, suffix) if o.mla_key_names == "legacy" else suffix)
+
+    def untable(rows) -> dict[str, Node]:
+        got = {}
+        for target, sources, split in rows:
+            pieces = [src.get(holders[t], group, name_of(target)) for t in range(sizes.tp)]
+            merged = merge_split(split, pieces, tuple(shapes[s][0] for s in sources))
+            got.update(zip([hf_prefix + s for s in sources], merged))
+        return got
+
+    out = untable(ATTENTION)
+    if o.mla_mm_split:
+        by_source: dict[str, list] = defaultdict(list)
+        for target, source, parts, index in MLA_MM_SPLIT:
+            pieces = [src.get(holders[t], group, name_of(target)) for t in range(sizes.tp)]
+            by_source[source].append(merge_split(Split.COLUMN, pieces)[0])  # parts come in index order
+        for source, parts in by_source.items():
+            out[hf_prefix + source] = merge_head_parts(parts, c.num_attention_heads)
+    else:
+        out.update(untable(ATTENTION_UP))
+    out.update(untable(ATTENTION_OUT))
+    if dense:
+        out.update(untable(DENSE_MLP))
+        return out
+    out.update(untable(MOE_MLP))
+
+    fc1: dict[int, dict[int, Node]] = defaultdict(dict)  # expert -> expert-TP rank -> piece
+    fc2: dict[int, dict[int, Node]] = defaultdict(dict)
+    for r in p.ranks:
+        if r.pp_rank != pp:
+            continue
+        experts, tpe, te = _expert_slice(c, sizes, o, r)
+        if o.moe_grouped_gemm:
+            w1 = ungroup_weight1(src.get(r, group, prefix + "mlp.experts.weight1"), len(experts))
+            w2 = ungroup_weight2(src.get(r, group, prefix + "mlp.experts.weight2"), len(experts))
+        else:
+            base = prefix + "mlp.experts.local_experts.{q}."
+            w1 = [src.get(r, group, base.format(q=q) + "linear_fc1.weight") for q in range(len(experts))]
+            w2 = [src.get(r, group, base.format(q=q) + "linear_fc2.weight") for q in range(len(experts))]
+        for q, j in enumerate(experts):  # several files can hold the same slice (ETP 1): keep the first
+            fc1[j].setdefault(te, w1[q])
+            fc2[j].setdefault(te, w2[q])
+    for j in range(c.n_routed_experts):
+        tpe = len(fc1[j])
+        names, split = EXPERT_FC1
+        out.update(zip([hf_prefix + n.format(j=j) for n in names],
+                       merge_split(split, [fc1[j][t] for t in range(tpe)])))
+        names, split = EXPERT_FC2
+        out.update(zip([hf_prefix + n.format(j=j) for n in names],
+                       merge_split(split, [fc2[j][t] for t in range(tpe)])))
+    return out
