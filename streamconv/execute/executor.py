@@ -9,7 +9,7 @@ raw (a dict of tasks, as dask's spec describes), keyed by content:
     ("write", f, i, b)   materialise piece b of tensor i of file f and pwrite it at its fixed offset
     ("wave", w)          barrier: every write of wave w is done
     ("finish", f)        headers, fsync, rename file f into place
-    ("text", f)          small text files (the tracker), written after every tensor file
+    ("text", f)          small text files (config, index, tracker), written after every tensor file
     "done"
 
 Memory is bounded in the graph itself, so it holds on any scheduler: pieces are grouped, in the plan's write
@@ -262,11 +262,17 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
         f = plan.files[fi]
         dsk[("finish", fi)] = (_finish, f.format, plan.target_root, f.path, layouts[fi], keys)
         finish_keys.append(("finish", fi))
+    # Text files come after every tensor file, and the plan's last text file (the tracker, the HF index)
+    # after the other text files too: its presence marks the output complete.
+    texts = [fi for fi, f in enumerate(plan.files) if f.format == "text"]
     text_keys = []
-    for fi, f in enumerate(plan.files):
-        if f.format == "text" and f.path not in skip:
-            dsk[("text", fi)] = (_text, plan.target_root, f.path, f.text or "", finish_keys)
-            text_keys.append(("text", fi))
+    for fi in texts:
+        f = plan.files[fi]
+        if f.path in skip:
+            continue
+        after = finish_keys + (text_keys if fi == texts[-1] else [])
+        dsk[("text", fi)] = (_text, plan.target_root, f.path, f.text or "", list(after))
+        text_keys.append(("text", fi))
     dsk["done"] = (_barrier, text_keys + finish_keys)
     return dsk, write_bytes
 
@@ -297,6 +303,11 @@ def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
     digest = journal.plan_digest(plan)
     done = journal.completed(plan.target_root, digest) if os.path.isdir(plan.target_root) else None
     preflight(plan, opts, done)
+    if plan.checks:  # before any write: a diverged replica is bad input
+        from .replicas import check_replicas
+
+        check_replicas(plan, band_bytes=min(opts.band_bytes, max(opts.max_memory // 8, 1)),
+                       num_workers=opts.num_workers)
     if done:
         log.info("resuming: %d of %d files already complete", len(done), len(plan.files))
     distributed = opts.scheduler not in ("threads", "sync")

@@ -561,3 +561,18 @@ def _unlayer(c, sizes, o, src: RankTensors, p: _Placement, chunk: tuple[int, str
         out.update(zip([hf_prefix + n.format(j=j) for n in names],
                        merge_split(split, [fc2[j][t] for t in range(tpe)])))
     return out
+
+
+def output_to_source_layer(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions):
+    """``name -> name``: an output HF tensor's name in the HF checkpoint the mcore one was converted from
+    (output layers are renumbered densely, see :func:`output_hf_config`)."""
+    p = _placement(c, sizes, o)
+    source = list(p.hf_layers) + [c.num_hidden_layers + m for m in range(o.mtp_num_layers)]
+
+    def rename(name: str) -> str:
+        parts = name.split(".")
+        if name.startswith("model.layers."):
+            parts[2] = str(source[int(parts[2])])
+        return ".".join(parts)
+
+    return rename

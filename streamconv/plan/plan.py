@@ -62,14 +62,26 @@ class Dropped:
 
 
 @dataclass(frozen=True)
+class ReplicaCheck:
+    """Copies of one tensor held by several source files (TP/EP replicas), which must be byte-identical.
+
+    The executor compares them before writing anything when the plan carries checks."""
+
+    label: str                  # what the copies are (an output tensor name or a source key)
+    nodes: tuple[Node, ...]     # one read per copy
+    where: tuple[str, ...]      # one label per copy (its source file), for the error message
+
+
+@dataclass(frozen=True)
 class Plan:
-    kind: str                            # "hf2mcore"
+    kind: str                            # "hf2mcore" or "mcore2hf"
     source_root: str
     source_files: tuple[SourceFile, ...]
     target_root: str
     files: tuple[OutputFile, ...]
     dropped: tuple[Dropped, ...] = ()
     options: dict = field(default_factory=dict)   # the planner's inputs, for provenance and inspect
+    checks: tuple[ReplicaCheck, ...] = ()          # replicas to compare before writing (mcore2hf)
     schema_version: int = SCHEMA_VERSION
     created_by: str = f"streamconv {__version__}"
 
@@ -105,6 +117,7 @@ class Plan:
                        "files": [[s.name, s.size, s.header_sha256] for s in self.source_files]},
             "target": {"root": self.target_root, "files": files},
             "dropped": [[d.name, d.reason] for d in self.dropped],
+            "checks": [[c.label, [table.add(n) for n in c.nodes], list(c.where)] for c in self.checks],
             "nodes": table.rows,
         }
 
@@ -137,6 +150,8 @@ class Plan:
                 files=tuple(files),
                 dropped=tuple(Dropped(n, r) for n, r in obj.get("dropped", ())),
                 options=dict(obj.get("options") or {}),
+                checks=tuple(ReplicaCheck(label, tuple(nodes[i] for i in ids), tuple(where))
+                             for label, ids, where in obj.get("checks", ())),
                 created_by=obj.get("created_by", ""),
             )
         except GraphError as exc:

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from ..errors import ValidationError
 from ..layout.parallel import ParallelSizes, iter_dir, rank_dir
 from ..models import deepseek_v3 as dsv3
+from .mcore2hf import RECORD, record_text
 from .plan import Dropped, OutputFile, OutputTensor, Plan
 from .sources import FP8_DTYPES, SCALE_SUFFIX, HFSource
 
@@ -54,6 +55,8 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes,
         _check_unique(path, out)
         files.append(OutputFile(path, "megatron_pt", out, attrs=(("checkpoint_version", 3.0), ("iteration", ITERATION)),
                                 groups=groups))
+    # The HF config and the layout, so that mcore -> HF needs neither --hf-config nor the layout flags.
+    files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options)))
     files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
 
     return Plan(

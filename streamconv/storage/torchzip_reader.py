@@ -16,6 +16,7 @@ positional reads of the record's exact range.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import os
 import pickle
@@ -58,6 +59,7 @@ class PtFile:
     path: str
     obj: object                          # the unpickled structure, tensors replaced by TensorRef
     records: dict[str, tuple[int, int]]  # storage key -> absolute (start, end)
+    digest: str = ""                     # sha256 of data.pkl and the record table: changes when the layout does
 
 
 class _Storage:
@@ -193,7 +195,8 @@ def read_pt(path: str) -> PtFile:
     except Exception as exc:  # any malformed pickle: one error type for callers
         raise FormatError(f"{path}: data.pkl is not a valid checkpoint pickle ({exc.__class__.__name__}: "
                           f"{str(exc)[:200]}).") from None
-    return PtFile(path, obj, records)
+    digest = hashlib.sha256(data + repr(sorted(records.items())).encode()).hexdigest()
+    return PtFile(path, obj, records, digest)
 
 
 def tensors(obj, prefix: tuple = ()) -> dict[tuple, TensorRef]:

@@ -1,0 +1,282 @@
+"""The mcore -> HF planner (spec §7): the exact inverse of hf2mcore, as a plan over the rank files.
+
+What it checks before anything is written: the tracker and every rank file the flags imply exist and parse,
+every expected key is present with its shape (derived from the forward tables, so a wrong flag shows up as a
+missing or mis-shaped key), nothing unexpected is present, and (``--fp8-scales-from``) the original scales
+fit.  Replicated tensors are read from one rank file; the plan can carry :class:`ReplicaCheck` s so the
+executor compares every other copy first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+from ..errors import ValidationError
+from ..graph.node import Node, read
+from ..layout.parallel import ParallelSizes
+from ..models import deepseek_v3 as dsv3
+from .mcore_source import McoreSource
+from .plan import OutputFile, OutputTensor, Plan, ReplicaCheck, SourceFile
+from .sources import FP8_DTYPES, INDEX_NAME, SCALE_SUFFIX, HFSource
+
+RECORD = "streamconv_source.json"   # written by hf2mcore next to the tracker: HF config and layout
+CONFIG = "config.json"
+FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [128, 128]}
+# Small files of an HF model directory that make the output load as is (copied from --hf-config).
+COMPANIONS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "configuration_deepseek.py", "modeling_deepseek.py")
+COMPANION_LIMIT = 64 << 20
+AUTO_VERIFY_BYTES = 8 << 30         # --verify-replicas defaults on when the extra copies are at most this
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the HF side is written."""
+
+    max_shard_size: int | None = None    # bytes; None: one file per layer (as MindSpeed's converter does)
+    verify_replicas: bool | None = None  # None: on when the replica copies total at most AUTO_VERIFY_BYTES
+    fp8_export: bool = False             # re-quantize linear weights to DeepSeek's 128x128 FP8 block format
+    fp8_scales_from: str | None = None   # the original FP8 release: reuse its scales (exact round trip)
+
+
+def read_record(load_dir: str) -> dict:
+    """What hf2mcore recorded next to the checkpoint (empty when it was not written by streamconv)."""
+    path = os.path.join(load_dir, RECORD)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else {}
+    except ValueError:
+        raise ValidationError(f"{path}: not valid JSON. Delete it and pass --hf-config and the layout flags.") from None
+
+
+def record_text(hf_config: dict, sizes: ParallelSizes, options: dsv3.McoreOptions) -> str:
+    """The record hf2mcore writes: the HF config and the layout, so mcore2hf needs no flags for our outputs."""
+    return json.dumps({"hf_config": hf_config, "layout": {"sizes": asdict(sizes), "options": asdict(options)}},
+                      indent=2, sort_keys=True) + "\n"
+
+
+def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options: dsv3.McoreOptions,
+                     export: ExportOptions = ExportOptions(), *, hf_config_dir: str | None = None,
+                     iteration: str | None = None) -> Plan:
+    """Compile an mcore (legacy torch format) -> HF safetensors plan."""
+    cfg_json, companions = _hf_config(load_dir, hf_config_dir)
+    cfg = dsv3.DeepSeekV3Config.from_json(cfg_json, path=_config_origin(load_dir, hf_config_dir))
+    if export.fp8_scales_from and not export.fp8_export:
+        raise ValidationError("--fp8-scales-from needs --fp8-export (the scales are for re-quantizing).")
+    expected, replicas = _expected_layout(cfg, sizes, options)
+    src = McoreSource(load_dir, sizes, list(expected), iteration)
+    src.check(expected)
+    tensors = dsv3.build_hf_tensors(cfg, sizes, options, src)
+    out_fields = dsv3.output_hf_config(cfg, sizes, options)
+
+    source_files = list(src.files)
+    if export.fp8_export:
+        tensors, scale_files = _fp8_export(cfg, sizes, options, tensors, load_dir, export.fp8_scales_from)
+        source_files += scale_files
+    checks = _replica_checks(src, replicas, export.verify_replicas)
+
+    files = _shards(cfg, out_fields, tensors, export.max_shard_size)
+    weight_map = {t.name: f.path for f in files for t in f.tensors}
+    total = sum(t.nbytes for f in files for t in f.tensors)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    files.append(OutputFile(CONFIG, "text", text=_output_config(cfg_json, out_fields, export.fp8_export)))
+    files += [OutputFile(name, "text", text=text) for name, text in companions]
+    files.append(OutputFile(INDEX_NAME, "text", text=json.dumps(index, indent=2) + "\n"))  # last: marks it done
+
+    return Plan(
+        kind="mcore2hf",
+        source_root=load_dir,
+        source_files=tuple(source_files),
+        target_root=save_dir,
+        files=tuple(files),
+        options=json.loads(json.dumps({"source": asdict(sizes), "model": asdict(options),
+                                       "export": asdict(export), "iteration": src.iteration,
+                                       "model_type": dsv3.MODEL_TYPE})),
+        checks=checks,
+    )
+
+
+# --- config --------------------------------------------------------------------------------------------------------
+
+def _config_origin(load_dir: str, hf_config_dir: str | None) -> str:
+    return os.path.join(hf_config_dir, CONFIG) if hf_config_dir else os.path.join(load_dir, RECORD)
+
+
+def _hf_config(load_dir: str, hf_config_dir: str | None) -> tuple[dict, list[tuple[str, str]]]:
+    """config.json (from --hf-config, else the hf2mcore record) and the companion files to copy."""
+    if hf_config_dir is None:
+        cfg = read_record(load_dir).get("hf_config")
+        if not isinstance(cfg, dict):
+            raise ValidationError(f"{load_dir}: no {RECORD} (the checkpoint was not converted by streamconv). Pass "
+                                  f"--hf-config DIR, the HF model directory holding its config.json.")
+        return cfg, []
+    path = os.path.join(hf_config_dir, CONFIG)
+    try:
+        with open(path, "rb") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ValidationError(f"{path}: missing. --hf-config must be an HF model directory with config.json.") from None
+    except ValueError as exc:
+        raise ValidationError(f"{path}: not valid JSON ({exc}).") from None
+    if not isinstance(cfg, dict):
+        raise ValidationError(f"{path}: not a JSON object.")
+    companions = []
+    for name in COMPANIONS:
+        p = os.path.join(hf_config_dir, name)
+        if os.path.isfile(p) and os.path.getsize(p) <= COMPANION_LIMIT:
+            try:
+                with open(p, encoding="utf-8") as f:
+                    companions.append((name, f.read()))
+            except UnicodeDecodeError:
+                raise ValidationError(f"{p}: not UTF-8 text; remove it from --hf-config or fix it.") from None
+    return cfg, companions
+
+
+def _output_config(cfg_json: dict, fields: dict, fp8: bool) -> str:
+    """config.json of the output: the layers it holds, and quantization_config only when the weights are FP8."""
+    out = dict(cfg_json)
+    out.update(fields)
+    if fp8:
+        out["quantization_config"] = cfg_json.get("quantization_config") or dict(FP8_QUANTIZATION)
+    else:
+        out.pop("quantization_config", None)
+    return json.dumps(out, indent=2) + "\n"
+
+
+# --- what the rank files must hold -------------------------------------------------------------------------------------
+
+class _ShapeSource:
+    """HF tensors as reads of a placeholder file: enough for the forward tables to say what every rank holds."""
+
+    def __init__(self, cfg: dsv3.DeepSeekV3Config):
+        self.shapes = dsv3.hf_tensor_shapes(cfg)
+
+    def get(self, name: str) -> Node:
+        dtype = "float32" if name.endswith("e_score_correction_bias") else "bfloat16"
+        return read("<hf>", name, dtype, self.shapes[name], offset=0)
+
+    def has(self, name: str) -> bool:
+        return name in self.shapes
+
+    def drop(self, name: str, reason: str) -> None:
+        pass
+
+
+def _expected_layout(cfg, sizes, options):
+    """Per rank file, ``(group, name) -> shape``; and the groups of copies of one value (replicas)."""
+    per_rank = dsv3.build_rank_tensors(cfg, sizes, options, _ShapeSource(cfg))
+    expected = {r: {(t.group, t.name): tuple(t.node.shape) for t in ts} for r, ts in per_rank.items()}
+    copies = defaultdict(list)
+    for r, ts in per_rank.items():
+        for t in ts:
+            copies[t.node.key].append((r, t.group, t.name))
+    return expected, [c for c in copies.values() if len(c) > 1]
+
+
+def _replica_checks(src: McoreSource, replicas, verify: bool | None) -> tuple[ReplicaCheck, ...]:
+    extra = sum(src.tensors[r][(g, n)].nbytes for copies in replicas for r, g, n in copies[1:])
+    if verify is None:
+        verify = extra <= AUTO_VERIFY_BYTES
+    if not verify:
+        return ()
+    return tuple(ReplicaCheck(f"{copies[0][1]}.{copies[0][2]}", tuple(src.get(r, g, n) for r, g, n in copies),
+                              tuple(src.rel(r) + (f" [{g}.{n}]" if (g, n) != copies[0][1:] else "")
+                                    for r, g, n in copies))
+                 for copies in replicas)
+
+
+# --- FP8 export --------------------------------------------------------------------------------------------------------
+
+def _fp8_export(cfg, sizes, options, tensors: dict[str, Node], load_dir: str, scales_from: str | None
+                ) -> tuple[dict[str, Node], list[SourceFile]]:
+    """Linear weights re-quantized to 128x128-block FP8 with their ``_scale_inv`` right after them."""
+    from ..graph.node import fp8_block_scale, quant_fp8_block
+
+    original = None
+    files: list[SourceFile] = []
+    rename = dsv3.output_to_source_layer(cfg, sizes, options)
+    if scales_from:
+        original = HFSource(scales_from)
+        rel = os.path.relpath(original.root, os.path.abspath(load_dir))
+        for f in original.files:
+            files.append(SourceFile(f"{rel}/{f.name}", f.size, f.header_sha256))
+    out: dict[str, Node] = {}
+    problems = []
+    for name, node in tensors.items():
+        if not dsv3.is_fp8_weight(name):
+            out[name] = node
+            continue
+        if original is None:
+            scale = fp8_block_scale(node)
+        else:
+            src_name = rename(name) + SCALE_SUFFIX
+            want = (-(-node.shape[0] // 128), -(-node.shape[1] // 128))
+            if not original.has(src_name):
+                problems.append(f"{os.path.join(original.root, INDEX_NAME)}: no {src_name}. --fp8-scales-from must be "
+                                f"the FP8 release this checkpoint was converted from.")
+                continue
+            info = original.info(src_name)
+            weight = original.info(rename(name))
+            if tuple(info.shape) != want or info.dtype != "float32" or weight.dtype not in FP8_DTYPES:
+                problems.append(f"{src_name}: {info.dtype}{list(info.shape)} in --fp8-scales-from does not fit "
+                                f"{name} {list(node.shape)} (expected float32{list(want)} scales of an FP8 weight).")
+                continue
+            shard = original.tensors[src_name][0]
+            scale = read(f"{rel}/{shard}", src_name, info.dtype, info.shape, offset=info.start)
+        out[name] = quant_fp8_block(node, scale)
+        out[name + SCALE_SUFFIX] = scale
+    if problems:
+        raise ValidationError(problems)
+    return out, files
+
+
+# --- output files ------------------------------------------------------------------------------------------------------
+
+def shard_name(index: int, total: int) -> str:
+    """HF's shard naming, 1-based: ``model-00001-of-00062.safetensors``."""
+    return f"model-{index:05d}-of-{total:05d}.safetensors"
+
+
+def _layer_of(name: str) -> int | None:
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2])
+    return None
+
+
+def _shards(cfg, fields: dict, tensors: dict[str, Node], max_shard_size: int | None) -> list[OutputFile]:
+    """Group tensors into shards: one per layer (embedding with the first, norm and lm_head with the last real
+    layer, each MTP layer alone), or greedily up to ``max_shard_size`` bytes in HF order."""
+    groups: list[list[str]] = []
+    if max_shard_size is None:
+        real = fields["num_hidden_layers"]
+        by_layer: dict[int, list[str]] = defaultdict(list)
+        for name in tensors:
+            layer = _layer_of(name)
+            if layer is None:
+                layer = 0 if name == "model.embed_tokens.weight" else real - 1
+            by_layer[layer].append(name)
+        groups = [by_layer[k] for k in sorted(by_layer)]
+    else:
+        size = 0
+        for name, node in tensors.items():
+            if not groups or (size and size + node.nbytes > max_shard_size):
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += node.nbytes
+    files = []
+    seq = 0
+    for i, names in enumerate(groups):
+        out = []
+        for name in names:
+            out.append(OutputTensor("", name, tensors[name], seq))
+            seq += 1
+        files.append(OutputFile(shard_name(i + 1, len(groups)), "safetensors", tuple(out), attrs=(("format", "pt"),)))
+    return files

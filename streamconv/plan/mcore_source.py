@@ -1,0 +1,137 @@
+"""A Megatron legacy (torch-format) checkpoint as named source tensors: rank file, group, name -> read node.
+
+Only the zip directories and the pickles are parsed (:mod:`streamconv.storage.torchzip_reader`, which runs no
+code from the file); tensor bytes are read later, band by band, by the executor.  Layout-agnostic: which rank
+files and keys exist is decided by the caller (the planner derives it from the model tables).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import types
+from ..errors import FormatError, ValidationError
+from ..graph.node import Node, read
+from ..layout.parallel import ParallelSizes, RankFile, iter_dir, rank_dir
+from ..storage import torchzip_reader as ptr
+from .plan import SourceFile
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+
+
+def iteration_dir(root: str, iteration: str | None = None) -> str:
+    """The iteration directory name (``iter_0000100`` or ``release``), from ``iteration`` or the tracker file."""
+    if iteration is None:
+        path = os.path.join(root, TRACKER)
+        try:
+            with open(path) as f:
+                iteration = f.read().strip()
+        except FileNotFoundError:
+            raise ValidationError(f"{path}: missing; is {root} a Megatron checkpoint directory? Pass the --save-dir "
+                                  f"of training (or --iteration N).") from None
+    if iteration == "release":
+        return "release"
+    try:
+        return iter_dir(int(iteration))
+    except ValueError:
+        raise ValidationError(f"{os.path.join(root, TRACKER)}: holds {iteration!r}; expected an iteration number "
+                              f"or 'release'.") from None
+
+
+class McoreSource:
+    """The rank files of one iteration of an mcore checkpoint, parsed without reading tensor data."""
+
+    def __init__(self, root: str, sizes: ParallelSizes, ranks: list[RankFile], iteration: str | None = None):
+        self.root = os.path.abspath(root)
+        self.sizes = sizes
+        self.iteration = iteration_dir(self.root, iteration)
+        self.files: list[SourceFile] = []
+        self.tensors: dict[RankFile, dict[tuple[str, str], ptr.TensorRef]] = {}
+        self.paths: dict[RankFile, str] = {}
+        self._load(ranks)
+
+    def rel(self, r: RankFile) -> str:
+        return f"{self.iteration}/{rank_dir(r, self.sizes)}/{RANK_FILE}"
+
+    def _load(self, ranks: list[RankFile]) -> None:
+        it_path = os.path.join(self.root, self.iteration)
+        if not os.path.isdir(it_path):
+            raise ValidationError(f"{it_path}: missing; the tracker names iteration {self.iteration!r}, which is "
+                                  f"not in {self.root}.")
+        problems = []
+        expected = {rank_dir(r, self.sizes) for r in ranks}
+        present = sorted(d for d in os.listdir(it_path) if d.startswith("mp_rank_"))
+        strays = [d for d in present if d not in expected]
+        if strays:
+            problems.append(f"{it_path}: holds rank dirs the flags do not account for ({', '.join(strays[:4])}"
+                            f"{' ...' if len(strays) > 4 else ''}). Pass the --source-tensor/pipeline/expert-"
+                            f"parallel-size (and layout flags) the checkpoint was trained with.")
+        for r in ranks:
+            path = os.path.join(self.root, *self.rel(r).split("/"))
+            if not os.path.isfile(path):
+                problems.append(f"{path}: missing. The flags imply this rank file; check the parallel sizes, or "
+                                f"restore the file.")
+                continue
+            try:
+                pt = ptr.read_pt(path)
+            except FormatError as exc:
+                problems.append(str(exc))
+                continue
+            self.paths[r] = path
+            self.files.append(SourceFile(self.rel(r), os.path.getsize(path), pt.digest))
+            table = {}
+            for key, ref in ptr.tensors(pt.obj).items():
+                if len(key) == 2 and all(isinstance(k, str) for k in key) and _is_model_group(key[0]):
+                    table[key] = ref
+            self.tensors[r] = table
+        if problems:
+            raise ValidationError(problems)
+
+    def check(self, expected: dict[RankFile, dict[tuple[str, str], tuple[int, ...]]]) -> None:
+        """Every expected ``(group, name)`` present with its shape, row-major and a float dtype, and nothing
+        else in the model groups.  Raises once, listing every problem."""
+        problems = []
+        for r, want in expected.items():
+            have = self.tensors.get(r, {})
+            path = self.paths.get(r, self.rel(r))
+            for (group, name), shape in want.items():
+                ref = have.get((group, name))
+                if ref is None:
+                    problems.append(f"{path}: {group}.{name} missing. The layout flags (--moe-grouped-gemm, "
+                                    f"--mtp-num-layers, VPP, noop, dualpipev, ...) must be those of training.")
+                elif tuple(ref.shape) != tuple(shape):
+                    problems.append(f"{path}: {group}.{name} has shape {list(ref.shape)} (expected {list(shape)}). "
+                                    f"Check the parallel sizes and --hf-config.")
+                elif ref.dtype not in ("bfloat16", "float16", "float32"):
+                    problems.append(f"{path}: {group}.{name} has dtype {ref.dtype}; expected bfloat16, float16 or "
+                                    f"float32 weights.")
+                elif not _row_major(ref):
+                    problems.append(f"{path}: {group}.{name} is stored with strides {list(ref.stride)} (not row-"
+                                    f"major). Re-save the checkpoint with contiguous tensors.")
+            extra = sorted(k for k in have if k not in want and not k[1].endswith("._extra_state"))
+            for group, name in extra[:5]:
+                problems.append(f"{path}: {group}.{name} is not part of the layout the flags describe. Pass the "
+                                f"training flags (LoRA checkpoints are not supported yet).")
+            if len(extra) > 5:
+                problems.append(f"{path}: ... and {len(extra) - 5} more unexpected tensors.")
+        if problems:
+            raise ValidationError(problems)
+
+    def get(self, rank: RankFile, group: str, name: str) -> Node:
+        ref = self.tensors[rank][(group, name)]
+        offset = ref.start + ref.storage_offset * types.dtype(ref.dtype).itemsize
+        return read(self.rel(rank), f"{group}.{name}", ref.dtype, ref.shape, offset=offset)
+
+
+def _is_model_group(key: str) -> bool:
+    return key == "model" or (key.startswith("model") and key[5:].isdigit())
+
+
+def _row_major(ref: ptr.TensorRef) -> bool:
+    expect = 1
+    for n, s in zip(reversed(ref.shape), reversed(ref.stride)):
+        if n > 1 and s != expect:
+            return False
+        expect *= n
+    return True
