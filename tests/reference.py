@@ -645,11 +645,12 @@ def load_mcore_dir(save_dir):
     """Every file under ``save_dir`` keyed by relative path: ``.pt`` files loaded with
     ``torch.load(weights_only=True)``, anything else as raw bytes (so stray files show up).  streamconv's
     run journal (``.streamconv_journal.jsonl``, bookkeeping for resume and verify) is not part of the
-    checkpoint and is skipped."""
+    checkpoint and is skipped, as is ``streamconv_source.json`` (the HF config and layout it records for the
+    way back, which Megatron ignores; tests/e2e/test_mcore2hf.py checks it)."""
     files = {}
     for root, _dirs, names in os.walk(save_dir):
         for name in names:
-            if name == ".streamconv_journal.jsonl":
+            if name in (".streamconv_journal.jsonl", "streamconv_source.json"):
                 continue
             path = os.path.join(root, name)
             rel = os.path.relpath(path, save_dir).replace(os.sep, "/")

@@ -19,6 +19,11 @@ def register(sub) -> None:
     h.add_argument("--output", "-o", required=True, help="where to save the plan JSON")
     h.add_argument("--dry-run", action="store_true", help="print the plan's summary; do not save it")
     h.set_defaults(func=cmd_plan)
+    m = psub.add_parser("mcore2hf", help="MindSpeed mcore (legacy torch format) -> HF DeepSeek-V3 safetensors")
+    common.add_mcore2hf_flags(m)
+    m.add_argument("--output", "-o", required=True, help="where to save the plan JSON")
+    m.add_argument("--dry-run", action="store_true", help="print the plan's summary; do not save it")
+    m.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("run", help="execute a saved plan")
     r.add_argument("plan", help="plan JSON written by `streamconv plan`")
@@ -32,6 +37,11 @@ def register(sub) -> None:
     common.add_run_flags(ch)
     ch.add_argument("--plan-output", help="also save the plan JSON here")
     ch.set_defaults(func=cmd_convert)
+    cm = csub.add_parser("mcore2hf", help="MindSpeed mcore (legacy torch format) -> HF DeepSeek-V3 safetensors")
+    common.add_mcore2hf_flags(cm)
+    common.add_run_flags(cm)
+    cm.add_argument("--plan-output", help="also save the plan JSON here")
+    cm.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", help="check written outputs: sizes, checksums, tensors re-derived from the source")
     v.add_argument("path", help="plan JSON (full checks), or a save dir written by streamconv (journal checks)")
@@ -47,8 +57,14 @@ def register(sub) -> None:
     i.set_defaults(func=cmd_inspect)
 
 
+def _plan_from_args(args) -> Plan:
+    if args.direction == "mcore2hf":
+        return common.plan_mcore2hf_from_args(args)
+    return common.plan_hf2mcore_from_args(args)
+
+
 def cmd_plan(args) -> int:
-    plan = common.plan_hf2mcore_from_args(args)
+    plan = _plan_from_args(args)
     print(report.plan_summary(plan))
     if args.dry_run:
         print("dry run: plan not saved")
@@ -64,6 +80,10 @@ def _execute(plan: Plan, args) -> int:
     opts = common.run_options(args)
     if args.dry_run:
         preflight(plan, opts)
+        if plan.checks:
+            from ..execute.replicas import check_replicas
+
+            check_replicas(plan, num_workers=opts.num_workers)
         print(report.plan_summary(plan))
         print("dry run: checks passed, nothing written")
         return 0
@@ -78,7 +98,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    plan = common.plan_hf2mcore_from_args(args)
+    plan = _plan_from_args(args)
     if args.plan_output and not args.dry_run:
         plan.save(args.plan_output)
     return _execute(plan, args)
@@ -132,26 +152,24 @@ def _inspect_hf(path: str, tensors: bool) -> str:
 
 
 def _inspect_mcore(path: str, tensors: bool) -> str:
-    import torch
+    from ..plan.mcore_source import RANK_FILE, iteration_dir
+    from ..storage.torchzip_reader import read_pt
+    from ..storage.torchzip_reader import tensors as tensor_refs
 
-    with open(os.path.join(path, "latest_checkpointed_iteration.txt")) as f:
-        it = f.read().strip()
-    iter_dir = os.path.join(path, "release" if it == "release" else f"iter_{int(it):07d}")
+    it = iteration_dir(path)
+    iter_path = os.path.join(path, it)
     rows, detail = [], []
-    for rank in sorted(os.listdir(iter_dir)):
-        pt = os.path.join(iter_dir, rank, "model_optim_rng.pt")
+    for rank in sorted(os.listdir(iter_path)):
+        pt = os.path.join(iter_path, rank, RANK_FILE)
         if not os.path.isfile(pt):
             continue
-        # weights_only: never executes code from the file; mmap: reads no tensor data
-        obj = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
-        groups = {k: v for k, v in obj.items() if isinstance(v, dict)}
-        n = sum(len(g) for g in groups.values())
-        nbytes = sum(t.numel() * t.element_size() for g in groups.values() for t in g.values())
-        rows.append((f"{os.path.basename(iter_dir)}/{rank}", ",".join(groups), n, report.human(nbytes)))
+        # our own parser: reads no tensor data, runs no code, and accepts MindSpeed's defaultdict files
+        refs = {k: v for k, v in tensor_refs(read_pt(pt).obj).items() if len(k) == 2}
+        groups = sorted({k[0] for k in refs})
+        rows.append((f"{it}/{rank}", ",".join(groups), len(refs), report.human(sum(r.nbytes for r in refs.values()))))
         if tensors:
             detail.append(f"\n{rank}")
-            detail.append(report.table([(f"{g}.{k}", str(t.dtype).replace("torch.", ""), list(t.shape))
-                                        for g, d in groups.items() for k, t in d.items()],
+            detail.append(report.table([(f"{g}.{k}", r.dtype, list(r.shape)) for (g, k), r in refs.items()],
                                        ("tensor", "dtype", "shape")))
-    return "\n".join([f"mcore checkpoint {path} (iteration {it})",
+    return "\n".join([f"mcore checkpoint {path} ({it})",
                       report.table(rows, ("rank file", "groups", "tensors", "bytes"))] + detail)

@@ -32,28 +32,63 @@ def add_hf2mcore_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
     p.add_argument("--target-expert-parallel-size", type=int, default=1, metavar="EP")
-    p.add_argument("--moe-grouped-gemm", action="store_true",
-                   help="write routed experts as grouped-GEMM weight1/weight2 (what DeepSeek-V3 scripts train with)")
-    p.add_argument("--mtp-num-layers", type=int, default=0, help="MTP modules to convert (0 drops them)")
+    add_layout_flags(p)
+
+
+def add_mcore2hf_flags(p: argparse.ArgumentParser) -> None:
+    """MindSpeed's mcore2hf flags (source-side names).  Flags left out take the values streamconv recorded
+    when it wrote the checkpoint (``streamconv_source.json``), else MindSpeed's defaults."""
+    p.add_argument("--load-dir", required=True, help="mcore checkpoint directory (latest_checkpointed_iteration.txt)")
+    p.add_argument("--save-dir", required=True, help="directory the HF safetensors checkpoint is written to")
+    p.add_argument("--hf-config", metavar="DIR", default=None,
+                   help="HF model directory whose config.json (and tokenizer files) describe the model "
+                        "(default: the config recorded by streamconv hf2mcore)")
+    p.add_argument("--iteration", default=None, help="iteration to convert (default: the tracker file's)")
+    p.add_argument("--source-tensor-parallel-size", type=int, default=None, metavar="TP")
+    p.add_argument("--source-pipeline-parallel-size", type=int, default=None, metavar="PP")
+    p.add_argument("--source-expert-parallel-size", type=int, default=None, metavar="EP")
+    add_layout_flags(p, recorded=True)
+    p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                   help="shard by size (e.g. 5GB); default: one file per layer")
+    p.add_argument("--verify-replicas", dest="verify_replicas", action="store_true", default=None,
+                   help="compare every TP/EP copy of replicated tensors before writing (default: on when the "
+                        "copies total at most 8 GiB)")
+    p.add_argument("--no-verify-replicas", dest="verify_replicas", action="store_false",
+                   help="read replicated tensors from the first rank file without comparing the copies")
+    p.add_argument("--fp8-export", action="store_true",
+                   help="write linear weights in DeepSeek's FP8 release format (128x128 block scales)")
+    p.add_argument("--fp8-scales-from", metavar="HF_DIR", default=None,
+                   help="the original FP8 release: reuse its scales, so FP8 -> mcore -> FP8 is exact")
+
+
+def add_layout_flags(p: argparse.ArgumentParser, recorded: bool = False) -> None:
+    """The model flags that change the mcore layout.  ``recorded``: no defaults (None = not given)."""
+    def default(value):
+        return None if recorded else value
+
+    flag = "store_true"
+    p.add_argument("--moe-grouped-gemm", action=flag, default=default(False),
+                   help="routed experts as grouped-GEMM weight1/weight2 (what DeepSeek-V3 scripts train with)")
+    p.add_argument("--mtp-num-layers", type=int, default=default(0), help="MTP modules (0: none)")
     p.add_argument("--num-layers", type=int, default=None,
-                   help="transformer layers to convert (default: num_hidden_layers of config.json)")
+                   help="transformer layer slots (default: num_hidden_layers of config.json plus noop layers)")
     p.add_argument("--first-k-dense-replace", type=int, default=None,
-                   help="dense layers to keep (default: first_k_dense_replace of config.json)")
+                   help="dense layers kept (default: first_k_dense_replace of config.json)")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, metavar="S",
                    help="VPP: layers per virtual chunk (files hold model0..model{v-1})")
-    p.add_argument("--noop-layers", type=int_list, default=(), metavar="I,J,...",
+    p.add_argument("--noop-layers", type=int_list, default=default(()), metavar="I,J,...",
                    help="layer slots that hold no weights (counted by --num-layers)")
     p.add_argument("--num-layer-list", type=int_list, default=None, metavar="A,B,...",
                    help="layers per pipeline stage (exactly PP entries)")
     p.add_argument("--schedules-method", choices=["dualpipev"], default=None,
                    help="dualpipev: two chunks per stage, down then back up")
-    p.add_argument("--moe-tp-extend-ep", action="store_true",
+    p.add_argument("--moe-tp-extend-ep", action=flag, default=default(False),
                    help="experts whole, dealt in EP x TP buckets (the TP group becomes extra expert parallelism)")
     p.add_argument("--expert-tensor-parallel-size", type=int, default=None, choices=[1], metavar="1",
                    help="1: experts whole by EP rank; only the (tp, ep) rank files Megatron instantiates")
-    p.add_argument("--mla-mm-split", action="store_true",
-                   help="split the MLA up-projections into linear_qk_nope/qk_rope/kv_nope/v")
-    p.add_argument("--mla-key-names", choices=["current", "legacy"], default="current",
+    p.add_argument("--mla-mm-split", action=flag, default=default(False),
+                   help="MLA up-projections split into linear_qk_nope/qk_rope/kv_nope/v")
+    p.add_argument("--mla-key-names", choices=["current", "legacy"], default=default("current"),
                    help="legacy: linear_qb/linear_kvb/k_layernorm (checkpoints made before 2025-07-23)")
 
 
@@ -78,16 +113,46 @@ def run_options(args):
 
 def plan_hf2mcore_from_args(args):
     from ..layout.parallel import ParallelSizes
-    from ..models.deepseek_v3 import McoreOptions
     from ..plan.planner import plan_hf_to_mcore
 
     sizes = ParallelSizes(args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                           args.target_expert_parallel_size)
-    options = McoreOptions(moe_grouped_gemm=args.moe_grouped_gemm, mtp_num_layers=args.mtp_num_layers,
-                           num_layers=args.num_layers, first_k_dense_replace=args.first_k_dense_replace,
-                           vpp_layers=args.num_layers_per_virtual_pipeline_stage, noop_layers=args.noop_layers,
-                           num_layer_list=args.num_layer_list, dualpipev=args.schedules_method == "dualpipev",
-                           moe_tp_extend_ep=args.moe_tp_extend_ep,
-                           expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-                           mla_mm_split=args.mla_mm_split, mla_key_names=args.mla_key_names)
-    return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, options)
+    return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, _options_from_args(args))
+
+
+def _options_from_args(args, recorded: dict | None = None):
+    """McoreOptions from the flags; with ``recorded`` (an hf2mcore record), flags not given take its values."""
+    from ..models.deepseek_v3 import McoreOptions
+
+    given = {
+        "moe_grouped_gemm": args.moe_grouped_gemm, "mtp_num_layers": args.mtp_num_layers,
+        "num_layers": args.num_layers, "first_k_dense_replace": args.first_k_dense_replace,
+        "vpp_layers": args.num_layers_per_virtual_pipeline_stage,
+        "noop_layers": tuple(args.noop_layers) if args.noop_layers is not None else None,
+        "num_layer_list": args.num_layer_list,
+        "dualpipev": True if args.schedules_method == "dualpipev" else None,
+        "moe_tp_extend_ep": args.moe_tp_extend_ep,
+        "expert_tensor_parallel_size": args.expert_tensor_parallel_size,
+        "mla_mm_split": args.mla_mm_split, "mla_key_names": args.mla_key_names,
+    }
+    base = dict(McoreOptions().__dict__)
+    if recorded is not None:
+        base.update({k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in base})
+    base.update({k: v for k, v in given.items() if v is not None})
+    return McoreOptions(**base)
+
+
+def plan_mcore2hf_from_args(args):
+    from ..layout.parallel import ParallelSizes
+    from ..plan.mcore2hf import ExportOptions, plan_mcore_to_hf, read_record
+
+    layout = read_record(args.load_dir).get("layout") or {}
+    rec_sizes = layout.get("sizes") or {}
+    sizes = ParallelSizes(*(v if v is not None else rec_sizes.get(k, 1) for k, v in (
+        ("tp", args.source_tensor_parallel_size), ("pp", args.source_pipeline_parallel_size),
+        ("ep", args.source_expert_parallel_size))))
+    options = _options_from_args(args, layout.get("options") if layout else None)
+    export = ExportOptions(max_shard_size=args.max_shard_size, verify_replicas=args.verify_replicas,
+                           fp8_export=args.fp8_export, fp8_scales_from=args.fp8_scales_from)
+    return plan_mcore_to_hf(args.load_dir, args.save_dir, sizes, options, export, hf_config_dir=args.hf_config,
+                            iteration=args.iteration)

@@ -28,6 +28,9 @@ def plan_summary(plan: Plan, *, tensors: bool = False) -> str:
            table(rows, ("file", "format", "tensors", "bytes")),
            f"total: {len(plan.files)} files, {plan.tensor_count} tensors, {human(plan.nbytes)} "
            f"from {len(plan.source_files)} source files"]
+    if plan.checks:
+        copies = sum(len(c.nodes) for c in plan.checks)
+        out.append(f"replica checks: {len(plan.checks)} replicated tensors, {copies} copies compared before writing")
     if tensors:
         for f in plan.files:
             if f.tensors:

@@ -108,7 +108,7 @@ class Plan:
             if f.groups:
                 entry["groups"] = list(f.groups)
             files.append(entry)
-        return {
+        out = {
             "schema_version": self.schema_version,
             "created_by": self.created_by,
             "kind": self.kind,
@@ -117,9 +117,11 @@ class Plan:
                        "files": [[s.name, s.size, s.header_sha256] for s in self.source_files]},
             "target": {"root": self.target_root, "files": files},
             "dropped": [[d.name, d.reason] for d in self.dropped],
-            "checks": [[c.label, [table.add(n) for n in c.nodes], list(c.where)] for c in self.checks],
             "nodes": table.rows,
         }
+        if self.checks:
+            out["checks"] = [[c.label, [table.add(n) for n in c.nodes], list(c.where)] for c in self.checks]
+        return out
 
     @classmethod
     def from_json(cls, obj: dict, *, path: str = "plan") -> "Plan":

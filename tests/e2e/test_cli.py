@@ -23,7 +23,7 @@ def test_plan_then_run(tiny_hf, tmp_path, capsys):
     assert main(["run", plan, "--max-memory", "8MiB", "--workers", "2"]) == 0
     expected = reference_hf_to_mcore(tiny_hf["fp8"], tp=2, pp=2, ep=2, moe_grouped_gemm=True, mtp_num_layers=1)
     assert_same_checkpoint(load_mcore_dir(out), expected)
-    assert "wrote 9 files" in capsys.readouterr().out
+    assert "wrote 10 files" in capsys.readouterr().out  # 8 rank files, the record, the tracker
 
 
 def test_convert_and_inspect(tiny_hf, tmp_path, capsys):

@@ -113,7 +113,7 @@ def test_verify_finds_corruption_and_missing_files(tiny_hf, tmp_path, capsys):
     plan.save(plan_path)
     run_plan(plan)
     rep = verify_plan(plan, rederive=10)
-    assert rep.ok and rep.files == 9 and rep.records == plan.tensor_count and rep.rederived == 10
+    assert rep.ok and rep.files == 10 and rep.records == plan.tensor_count and rep.rederived == 10
     assert verify_dir(out).ok
     assert main(["verify", plan_path, "--rederive", "2"]) == 0
 
