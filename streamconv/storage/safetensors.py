@@ -251,7 +251,7 @@ def _validate(entries: tuple[StEntry, ...]) -> None:
     problems = []
     seen: set[str] = set()
     for e in entries:
-        label = repr(e.name) if type(e.name) is not str else e.name
+        label = e.name if type(e.name) is str and e.name else repr(e.name)
         if type(e.name) is not str or not e.name or e.name == "__metadata__":
             problems.append(f"{label}: tensor name must be a non-empty str other than '__metadata__'.")
         elif e.name in seen:
