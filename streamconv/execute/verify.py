@@ -5,7 +5,8 @@ Three levels, cheapest first:
 2. the CRC32 of every tensor record (read back from disk) equals the one recorded while writing;
 3. ``rederive`` tensors chosen at random are computed again from the sources and compared byte for byte.
 
-Without a plan (``verify_dir``), levels 1-2 run from the journal and the files' own zip directories.
+Without a plan (``verify_dir``), levels 1-2 run from the journal and the files' own indexes: a safetensors
+header, or a zip directory.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..plan.plan import Plan
+from ..errors import FormatError
+from ..plan.plan import OutputTensor, Plan
 from ..storage import fileio
-from ..storage.safetensors import tensor_bytes
+from ..storage.safetensors import read_header, tensor_bytes
 from . import journal, writers
 from .executor import source_problems
 from .kernels import materialize
@@ -56,6 +58,10 @@ def _crc_of_range(path: str, start: int, end: int) -> int:
     return crc
 
 
+def _label(t: OutputTensor) -> str:
+    return f"{t.group}.{t.name}" if t.group else t.name
+
+
 def verify_plan(plan: Plan, *, sample: int | None = None, rederive: int = 0, seed: int = 0) -> Report:
     """Check a plan's outputs; ``sample`` limits the CRC check to that many random files."""
     report = Report()
@@ -89,11 +95,16 @@ def verify_plan(plan: Plan, *, sample: int | None = None, rederive: int = 0, see
         if size != layout.size or size != rec.get("size"):
             report.problems.append(f"{path}: size {size} (planned {layout.size}, journaled {rec.get('size')}).")
             continue
+        if f.format == "safetensors":
+            # The journaled CRCs cover tensor bytes only; the header is fixed by the plan, so compare it whole.
+            if fileio.read_range(path, 0, len(layout.header)).tobytes() != layout.header:
+                report.problems.append(f"{path}: header differs from the one the plan implies (corrupted on "
+                                       f"disk?). Delete the file and run the plan again.")
         crcs = rec.get("crc32") or []
         for i, (t, (start, end)) in enumerate(zip(f.tensors, layout.spans)):
             report.records += 1
             if i >= len(crcs) or _crc_of_range(path, start, end) != crcs[i]:
-                report.problems.append(f"{path}: {t.group}.{t.name}: checksum differs from the journal "
+                report.problems.append(f"{path}: {_label(t)}: checksum differs from the journal "
                                        f"(corrupted on disk?). Delete the file and run the plan again.")
     if rederive:
         _rederive(plan, rederive, rng, report)
@@ -116,13 +127,14 @@ def _rederive(plan: Plan, k: int, rng: random.Random, report: Report) -> None:
         report.rederived += 1
         if not np.array_equal(got, want):
             t = f.tensors[i]
-            report.problems.append(f"{path}: {t.group}.{t.name}: bytes differ from the tensor re-derived from "
+            report.problems.append(f"{path}: {_label(t)}: bytes differ from the tensor re-derived from "
                                    f"the source. Delete the file and run the plan again.")
 
 
 def verify_dir(root: str) -> Report:
-    """Check a save dir from its journal alone: sizes, and every zip record's CRC (``zipfile.testzip``)
-    against the checksums journaled while writing."""
+    """Check a save dir from its journal alone: sizes, and the checksums journaled while writing against the
+    files: per tensor for safetensors (data ranges from the file's own header, in header order, which is the
+    order ``finish`` journals), per zip record for .pt (``zipfile.testzip`` too), whole file otherwise."""
     report = Report()
     digests, journaled = journal.read(root)
     if not digests:
@@ -132,6 +144,22 @@ def verify_dir(root: str) -> Report:
         report.files += 1
         if not os.path.isfile(path) or os.path.getsize(path) != rec.get("size"):
             report.problems.append(f"{path}: missing or not at its journaled size {rec.get('size')}.")
+            continue
+        # safetensors first: a zip never parses as a safetensors header (its first 8 bytes give a length far
+        # over the limit), but tensor bytes near a safetensors file's end might look like a zip end record.
+        tensors = _safetensors_tensors(path)
+        if tensors is not None:
+            report.records += len(tensors)
+            got = [_crc_of_range(path, t.start, t.end) for t in tensors]
+            want = rec.get("crc32") or []
+            bad = [t.name for t, g, w in zip(tensors, got, want) if g != w]
+            if len(want) != len(tensors):
+                report.problems.append(f"{path}: {len(tensors)} tensors in the header but {len(want)} checksums "
+                                       f"in the journal. Delete the file and run the plan again.")
+            elif bad:
+                report.problems.append(f"{path}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: checksum "
+                                       f"differs from the journal (corrupted on disk?). Delete the file and run "
+                                       f"the plan again.")
             continue
         if not zipfile.is_zipfile(path):
             if [_crc_of_range(path, 0, rec["size"])] != rec.get("crc32"):
@@ -147,3 +175,11 @@ def verify_dir(root: str) -> Report:
             elif [i.CRC for i in data] != rec.get("crc32"):
                 report.problems.append(f"{path}: record checksums differ from the journal.")
     return report
+
+
+def _safetensors_tensors(path: str) -> list | None:
+    """The tensors of a safetensors file in header order, or None when ``path`` is not one."""
+    try:
+        return list(read_header(path).tensors.values())
+    except FormatError:
+        return None

@@ -11,8 +11,9 @@ data, so a dask.distributed worker can run them):
 
 from __future__ import annotations
 
+from ..errors import ValidationError
 from ..plan.plan import OutputFile
-from ..storage import torchzip
+from ..storage import safetensors, torchzip
 
 
 def pt_layout(f: OutputFile) -> torchzip.TorchZipLayout:
@@ -20,8 +21,23 @@ def pt_layout(f: OutputFile) -> torchzip.TorchZipLayout:
     return torchzip.compute_layout(entries, list(f.attrs), groups=f.groups)
 
 
-LAYOUTS = {"megatron_pt": pt_layout}
-CREATE = {"megatron_pt": torchzip.create}
-WRITE_PIECE = {"megatron_pt": torchzip.write_piece}
-FINISH = {"megatron_pt": torchzip.finish}
-ABORT = {"megatron_pt": torchzip.abort}
+def safetensors_layout(f: OutputFile) -> safetensors.SafetensorsLayout:
+    """A flat HF shard: tensors by HF name in plan order; ``f.attrs`` (str pairs) become ``__metadata__``."""
+    problems = [f"{f.path}: {t.name}: group {t.group!r} (expected ''). safetensors files are flat; put the "
+                f"full HF name in the tensor name." for t in f.tensors if t.group]
+    if f.groups:
+        problems.append(f"{f.path}: groups {list(f.groups)} (expected none). safetensors files are flat.")
+    if problems:
+        raise ValidationError(problems)
+    entries = [(t.name, t.node.dtype, tuple(t.node.shape)) for t in f.tensors]
+    try:
+        return safetensors.compute_layout(entries, dict(f.attrs))
+    except ValidationError as exc:  # name the file: the layout alone does not know it
+        raise ValidationError([f"{f.path}: {p}" for p in exc.problems]) from None
+
+
+LAYOUTS = {"megatron_pt": pt_layout, "safetensors": safetensors_layout}
+CREATE = {"megatron_pt": torchzip.create, "safetensors": safetensors.create}
+WRITE_PIECE = {"megatron_pt": torchzip.write_piece, "safetensors": safetensors.write_piece}
+FINISH = {"megatron_pt": torchzip.finish, "safetensors": safetensors.finish}
+ABORT = {"megatron_pt": torchzip.abort, "safetensors": safetensors.abort}

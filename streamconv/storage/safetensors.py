@@ -6,22 +6,37 @@ header entry is ``{"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}
 
 Reads never load a whole file: :func:`read_header` reads the first ``8 + N`` bytes, and :func:`read_tensor`
 reads exactly the byte range of a tensor (or of a band of its rows) with positional reads.
+
+Writes follow the same stateless protocol as :mod:`torchzip` (shared helpers in :mod:`pieces`), so threads and
+processes can share a file:
+
+1. :func:`compute_layout` fixes the header and every offset from ``(name, dtype, shape)`` alone.
+2. :func:`create` once (coordinator): makes ``fileio.temp_name(path)`` at its final size and writes the header.
+3. :func:`write_piece` any number of times, from any thread or process, in any order; each call returns a
+   ``Piece`` ``(index, offset, length, crc32)``. The pieces of one tensor must tile it exactly; the file comes
+   out byte-identical whatever the order.
+4. :func:`finish` once (coordinator), after every write returned: checks the tiling (raising before touching
+   the file if it is wrong), fsyncs, renames, and returns one CRC32 per tensor in header order. Or :func:`abort`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from .. import types
-from ..errors import FormatError
+from ..errors import ExecutionError, FormatError, ValidationError
 from . import fileio
+from . import pieces as _pieces
+from .pieces import Piece, tensor_bytes  # noqa: F401  (tensor_bytes: re-exported, readers use it)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the reference implementation accepts
 ALIGN = 8
@@ -150,88 +165,185 @@ def bytes_to_tensor(buf: np.ndarray, dtype_name: str, shape: tuple[int, ...]) ->
     return torch.from_numpy(buf).view(dt).reshape(shape)
 
 
-def tensor_bytes(t: torch.Tensor) -> np.ndarray:
-    """The raw bytes of a tensor in row-major order, as a uint8 numpy array (no copy when contiguous)."""
-    t = t.detach().contiguous().cpu()
-    if t.numel() == 0:
-        return np.empty(0, dtype=np.uint8)
-    return t.reshape(-1).view(torch.uint8).numpy()
+# --- the write protocol ----------------------------------------------------------------------------------------
+
+class StEntry(NamedTuple):
+    """One tensor of a safetensors file: its name in the header, our dtype name and its shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        return self.name
 
 
-# --- streaming writer ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SafetensorsLayout:
+    """Every byte offset of one safetensors file, fixed before any data is written (:func:`compute_layout`).
 
-def layout(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
-           ) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """Header bytes and absolute ``(start, end)`` of every tensor for tensors written in ``entries`` order."""
+    ``header`` is the file's first bytes: the u64 length and the space-padded JSON.  ``spans`` are the absolute
+    ``(start, end)`` of each entry's bytes, in entry order, which is also the header's key order.
+    """
+
+    header: bytes = field(repr=False)
+    entries: tuple[StEntry, ...]
+    metadata: tuple[tuple[str, str], ...]
+    spans: tuple[tuple[int, int], ...] = field(repr=False)
+    size: int  # of the whole file
+
+
+def compute_layout(entries: Iterable[tuple[str, str, Sequence[int]]],
+                   metadata: Mapping[str, str] | Iterable[tuple[str, str]] | None = None) -> SafetensorsLayout:
+    """Fix the layout of a safetensors file holding ``entries`` in this order, back to back.
+
+    Args:
+        entries: ``(name, dtype, shape)`` per tensor, with our dtype names (``"bfloat16"``). The header lists
+            them in this order and the data buffer holds them in this order, without gaps.
+        metadata: the header's ``__metadata__`` (str -> str; HF writes ``{"format": "pt"}``), placed first.
+            None or empty: no ``__metadata__`` key.
+
+    Returns:
+        A frozen, hashable :class:`SafetensorsLayout`. Equal inputs give the same cached object.
+
+    Raises:
+        ValidationError: listing every bad entry or metadata item (unknown dtype, duplicate name, ...).
+
+    Example:
+        >>> compute_layout([("w", "bfloat16", (2, 3))], {"format": "pt"}).spans
+        ((104, 116),)
+    """
+    pairs = tuple(metadata.items() if isinstance(metadata, Mapping) else (metadata or ()))
+    bad = [f"metadata {k!r}: {type(k).__name__} -> {type(v).__name__} (expected str -> str). Convert it, "
+           f"e.g. str(x); safetensors readers refuse other metadata." for k, v in pairs
+           if type(k) is not str or type(v) is not str]
+    if bad:  # before the cache: an unhashable value would fail there with a bare TypeError
+        raise ValidationError(bad)
+    # numpy integers (from a header or a size computation) are fine; anything else is left for _validate
+    fixed = tuple(StEntry(n, d, tuple(int(x) if isinstance(x, np.integer) else x for x in s))
+                  for n, d, s in entries)
+    return _layout_cached(fixed, pairs)
+
+
+@functools.lru_cache(maxsize=32)
+def _layout_cached(entries: tuple[StEntry, ...], metadata: tuple[tuple[str, str], ...]) -> SafetensorsLayout:
+    _validate(entries)
     header: dict = {}
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    rel = {}
+        header["__metadata__"] = dict(metadata)
+    rel = []
     pos = 0
-    for name, dtype_name, shape in entries:
-        if name in rel:
-            raise ValueError(f"{name}: tensor listed twice in one safetensors file")
-        n = types.nbytes(dtype_name, tuple(shape))
-        header[name] = {"dtype": types.dtype(dtype_name).safetensors, "shape": list(shape),
-                        "data_offsets": [pos, pos + n]}
-        rel[name] = (pos, pos + n)
+    for e in entries:
+        n = types.nbytes(e.dtype, e.shape)
+        header[e.name] = {"dtype": types.dtype(e.dtype).safetensors, "shape": list(e.shape),
+                          "data_offsets": [pos, pos + n]}
+        rel.append((pos, pos + n))
         pos += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * ((-(8 + len(raw))) % ALIGN)
+    raw += b" " * ((-(8 + len(raw))) % ALIGN)  # the data buffer starts 8-byte aligned, as the reference pads
     head = struct.pack("<Q", len(raw)) + raw
     base = len(head)
-    return head, {k: (base + s, base + e) for k, (s, e) in rel.items()}
+    return SafetensorsLayout(head, entries, metadata, tuple((base + s, base + e) for s, e in rel), base + pos)
+
+
+def _validate(entries: tuple[StEntry, ...]) -> None:
+    problems = []
+    seen: set[str] = set()
+    for e in entries:
+        label = e.name if type(e.name) is str and e.name else repr(e.name)
+        if type(e.name) is not str or not e.name or e.name == "__metadata__":
+            problems.append(f"{label}: tensor name must be a non-empty str other than '__metadata__'.")
+        elif e.name in seen:
+            problems.append(f"{label}: listed twice. Each tensor must appear once in a file.")
+        seen.add(e.name)
+        if e.dtype not in types.DTYPES:
+            problems.append(f"{label}: unknown dtype {e.dtype!r} (expected one of {', '.join(types.DTYPES)}).")
+        if not all(type(s) is int and s >= 0 for s in e.shape):
+            problems.append(f"{label}: shape {e.shape} is not a tuple of non-negative ints.")
+    if problems:
+        raise ValidationError(problems)
+
+
+def create(path: str, layout: SafetensorsLayout) -> None:
+    """Create the temporary file at its final size and write the header (the data stays sparse)."""
+    _pieces.create_temp(path, layout.size, layout.header)
+
+
+def write_piece(path: str, layout: SafetensorsLayout, index: int, data: torch.Tensor | np.ndarray | bytes,
+                offset: int = 0) -> Piece:
+    """Write ``data`` at byte ``offset`` of entry ``index`` and return ``(index, offset, length, crc32)``.
+
+    ``data`` is a tensor of the entry's dtype (made contiguous here), or raw bytes (``bytes``, a uint8 array).
+    Thread- and process-safe: it opens the temp file, writes with write-behind and closes it.
+    """
+    return _pieces.write_piece(path, layout, index, data, offset)
+
+
+def finish(path: str, layout: SafetensorsLayout, pieces: Iterable[Piece]) -> list[int]:
+    """Check that ``pieces`` cover every entry exactly, fsync, rename into place. Returns each entry's CRC32
+    in entry order, which is the header's order (the run journal records them; ``verify`` re-computes them).
+
+    Exact duplicate pieces (a retried task) count once. Raises :class:`ValidationError` naming every tensor
+    with a gap or an overlap; the temporary file is then left as it is.
+    """
+    crcs = _pieces.entry_crcs(path, layout, pieces)
+    _pieces.commit(path, layout.size)
+    return crcs
+
+
+def abort(path: str) -> None:
+    """Remove the temporary file, if any. The final name is never touched."""
+    _pieces.abort(path)
+
+
+def layout(entries: Iterable[tuple[str, str, Sequence[int]]], metadata: Mapping[str, str] | None = None
+           ) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Header bytes and absolute ``(start, end)`` by name: :func:`compute_layout` as a (header, dict) pair."""
+    lay = compute_layout(entries, metadata)
+    return lay.header, {e.name: span for e, span in zip(lay.entries, lay.spans)}
 
 
 class SafetensorsWriter:
-    """Write one safetensors file tensor by tensor, in any order, with bounded memory.
+    """Write one safetensors file tensor by tensor from one process: the protocol above, with names.
 
-    Protocol: 1) construct with every tensor's (name, dtype, shape) so the header and all offsets are fixed;
-    2) :meth:`write` each tensor (or consecutive pieces of it, ``offset`` in bytes within the tensor), from
-    any thread, in any order; 3) :meth:`close` fsyncs and renames the temporary file into place.  Until
-    close, the file exists only under :func:`fileio.temp_name`.
+    Protocol: 1) construct with every tensor's (name, dtype, shape) so the header and all offsets are fixed
+    (:func:`create`); 2) :meth:`write` each tensor (or pieces of it, ``offset`` in bytes within the tensor),
+    from any thread, in any order (:func:`write_piece`); 3) :meth:`close` fsyncs and renames the temporary
+    file into place. Until close, the file exists only under :func:`fileio.temp_name`.
+
+    Unlike :func:`finish`, close does not require every byte to be written: bytes never written read as
+    zeros (the file is created sparse), which is how headers-only checkpoints are made. Use the free
+    functions when every byte must be accounted for and checksummed.
     """
 
-    def __init__(self, path: str, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(self, path: str, entries: Iterable[tuple[str, str, Sequence[int]]],
+                 metadata: Mapping[str, str] | None = None):
         self.path = path
-        self.header, self.offsets = layout(entries, metadata)
-        self.size = len(self.header) + sum(e - s for s, e in self.offsets.values())
-        self._tmp = fileio.temp_name(path)
-        self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.ftruncate(self._fd, self.size)
-            fileio.pwrite_all(self._fd, self.header, 0, path=path)
-        except BaseException:
-            self.abort()
-            raise
+        self.layout = compute_layout(entries, metadata)
+        self._index = {e.name: i for i, e in enumerate(self.layout.entries)}
+        create(path, self.layout)
+
+    @property
+    def header(self) -> bytes:
+        return self.layout.header
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
 
     def write(self, name: str, data: torch.Tensor | np.ndarray | bytes, offset: int = 0) -> None:
-        start, end = self.offsets[name]
-        raw = tensor_bytes(data) if isinstance(data, torch.Tensor) else data
-        if start + offset + len(memoryview(raw).cast("B")) > end:
-            raise ValueError(f"{name}: write of {len(raw)} bytes at {offset} overruns the tensor's {end - start} bytes")
-        fileio.pwrite_all(self._fd, raw, start + offset, path=self.path)
+        index = self._index.get(name)
+        if index is None:
+            raise ExecutionError(f"{self.path}: {name}: not a tensor of this file. List it in the entries "
+                                 f"given to SafetensorsWriter.")
+        write_piece(self.path, self.layout, index, data, offset)
 
     def close(self) -> None:
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise fileio.write_error(self.path, exc) from exc
-        finally:
-            os.close(self._fd)
-        os.replace(self._tmp, self.path)
-        fileio.fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        _pieces.commit(self.path, self.layout.size)
 
     def abort(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
-        try:
-            os.unlink(self._tmp)
-        except OSError:
-            pass
+        abort(self.path)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self

@@ -41,7 +41,6 @@ import functools
 import hashlib
 import io
 import math
-import os
 import pickle
 import struct
 import zlib
@@ -52,13 +51,12 @@ import numpy as np
 import torch
 
 from .. import types
-from ..errors import ExecutionError, ValidationError
-from . import fileio
-from .safetensors import tensor_bytes
+from ..errors import ValidationError
+from . import pieces as _pieces
+from .pieces import Piece
 
 ALIGN = 64
 Scalar = Union[int, float, str, bool, None]
-Piece = tuple[int, int, int, int]  # (entry index, byte offset in the entry, length, crc32 of the piece)
 
 _U32 = 0xFFFFFFFF
 _U16 = 0xFFFF
@@ -304,18 +302,7 @@ def _tail(layout: TorchZipLayout, crcs: list[int]) -> bytes:
 
 def create(path: str, layout: TorchZipLayout) -> None:
     """Create the temporary file at its final size (sparse: nothing is written yet)."""
-    tmp = fileio.temp_name(path)
-    try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as exc:
-        raise fileio.write_error(tmp, exc) from exc
-    try:
-        os.ftruncate(fd, layout.size)
-    except OSError as exc:
-        os.close(fd)
-        abort(path)
-        raise fileio.write_error(tmp, exc) from exc
-    os.close(fd)
+    _pieces.create_temp(path, layout.size)
 
 
 def write_piece(path: str, layout: TorchZipLayout, index: int, data: torch.Tensor | np.ndarray | bytes,
@@ -325,107 +312,27 @@ def write_piece(path: str, layout: TorchZipLayout, index: int, data: torch.Tenso
     ``data`` is a tensor of the entry's dtype (made contiguous here), or raw bytes (``bytes``, a uint8 array).
     Thread- and process-safe: it opens the temp file, writes with write-behind and closes it.
     """
-    if not 0 <= index < len(layout.entries):
-        raise ExecutionError(f"{path}: entry index {index} out of range (the layout has {len(layout.entries)}).")
-    entry = layout.entries[index]
-    if isinstance(data, torch.Tensor):
-        want = types.dtype(entry.dtype).torch
-        if data.dtype != want:
-            raise ExecutionError(f"{path}: {entry.label}: piece has dtype {data.dtype} (expected {want}). "
-                                 f"Cast it, or pass raw bytes as a uint8 numpy array.")
-        raw = memoryview(tensor_bytes(data))
-    elif isinstance(data, np.ndarray):
-        raw = memoryview(np.ascontiguousarray(data)).cast("B")
-    else:
-        raw = memoryview(data).cast("B")
-    start, end = layout.spans[index]
-    if offset < 0 or start + offset + len(raw) > end:
-        raise ExecutionError(f"{path}: {entry.label}: piece [{offset}, {offset + len(raw)}) lies outside the "
-                             f"tensor's {end - start} bytes. The plan's byte ranges are wrong.")
-    crc = fileio.crc32(raw)
-    if len(raw):
-        fd = _open_temp(path, os.O_WRONLY)
-        try:
-            fileio.pwrite_all(fd, raw, start + offset, path=path)
-        finally:
-            os.close(fd)
-    return index, offset, len(raw), crc
+    return _pieces.write_piece(path, layout, index, data, offset)
 
 
 def finish(path: str, layout: TorchZipLayout, pieces: Iterable[Piece]) -> list[int]:
-    """Check that ``pieces`` cover every entry exactly, write headers and pickle, fsync, rename into place.
-    Returns each entry's CRC32 (the run journal records them; ``verify`` re-computes them).
+    """Check that ``pieces`` cover every entry exactly, write headers and pickle, fsync, rename
+    into place. Returns each entry's CRC32 (the run journal records them; ``verify`` re-computes them).
 
     Exact duplicate pieces (a retried task) count once. Raises :class:`ValidationError` naming every tensor
     with a gap or an overlap; the temporary file is then left as it is.
     """
-    crcs = _entry_crcs(path, layout, pieces)
-    tmp = fileio.temp_name(path)
-    fd = _open_temp(path, os.O_RDWR)
-    try:
-        if os.fstat(fd).st_size != layout.size:
-            raise ExecutionError(f"{tmp}: size {os.fstat(fd).st_size} (expected {layout.size}). It was created "
-                                 f"with another layout; abort and start again.")
-        for r, crc in zip(layout.records[: len(layout.entries)], crcs):
-            fileio.pwrite_all(fd, _local_header(r, crc), r.header, path=path, write_behind=False)
-        tail_start = layout.records[len(layout.entries)].header
-        fileio.pwrite_all(fd, _tail(layout, crcs), tail_start, path=path, write_behind=False)
-        os.fsync(fd)
-    except OSError as exc:
-        raise fileio.write_error(path, exc) from exc
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fileio.fsync_dir(os.path.dirname(os.path.abspath(path)))
+    crcs = _pieces.entry_crcs(path, layout, pieces)
+    n = len(layout.entries)
+    patches = [(r.header, _local_header(r, crc)) for r, crc in zip(layout.records[:n], crcs)]
+    patches.append((layout.records[n].header, _tail(layout, crcs)))
+    _pieces.commit(path, layout.size, patches)
     return crcs
-
-
-def _open_temp(path: str, flags: int) -> int:
-    try:
-        return os.open(fileio.temp_name(path), flags)
-    except FileNotFoundError:
-        raise ExecutionError(f"{fileio.temp_name(path)}: not found. Call create() first; finish() or abort() "
-                             f"may have run already.") from None
 
 
 def abort(path: str) -> None:
     """Remove the temporary file, if any. The final name is never touched."""
-    try:
-        os.unlink(fileio.temp_name(path))
-    except FileNotFoundError:
-        pass
-
-
-def _entry_crcs(path: str, layout: TorchZipLayout, pieces: Iterable[Piece]) -> list[int]:
-    """Each entry's CRC32 from its pieces' CRCs, in offset order; raises once listing every bad entry."""
-    n = len(layout.entries)
-    by_entry: list[set[tuple[int, int, int]]] = [set() for _ in range(n)]
-    problems = []
-    for index, offset, length, crc in pieces:
-        if not 0 <= index < n:
-            problems.append(f"{path}: piece of entry {index} (the layout has {n} entries).")
-        elif length:
-            by_entry[index].add((offset, length, crc))
-    crcs = []
-    for entry, (start, end), found in zip(layout.entries, layout.spans, by_entry):
-        size, pos, crc = end - start, 0, 0
-        for offset, length, piece_crc in sorted(found):
-            if offset != pos:
-                what = "overlap" if offset < pos else "leave a gap"
-                problems.append(f"{path}: {entry.label}: pieces {what} at byte {min(offset, pos)} (expected "
-                                f"a piece at {pos}, got one at {offset}). Write each byte exactly once.")
-                break
-            # crc32(b"") == 0, so the first piece needs no combining (the slow part at ~2 ms a call).
-            crc = fileio.crc32_combine(crc, piece_crc, length) if pos else piece_crc
-            pos += length
-        else:
-            if pos != size:
-                problems.append(f"{path}: {entry.label}: bytes [{pos}, {size}) were never written. "
-                                f"Write the missing pieces, then call finish again.")
-        crcs.append(crc)
-    if problems:
-        raise ValidationError(problems)
-    return crcs
+    _pieces.abort(path)
 
 
 def save_streaming(path: str, groups: Mapping[str, Mapping[str, torch.Tensor]],

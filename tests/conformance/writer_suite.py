@@ -12,17 +12,32 @@ A writer's test class subclasses :class:`WriterTests` and supplies five hooks:
 
 Set ``supports_float8 = False`` when the format cannot hold float8.  The suite builds ``write`` (all tensors,
 in a given order, optionally in several pieces each) from these hooks.
+
+Writers that follow the stateless write protocol (a format module with ``create``, ``write_piece``, ``finish``
+and ``abort`` over a frozen layout, see ``streamconv/storage/pieces.py``) subclass :class:`ProtocolTests`
+instead and supply only ``module``, ``make_layout(specs)`` and ``load(path)``. They get every test above with
+the hooks built from the protocol, plus the protocol's own: pieces from other processes, tiling errors,
+disk-full and fsync errors, the returned CRCs, cached hashable layouts.
 """
 
 from __future__ import annotations
 
+import errno
+import importlib
+import multiprocessing
 import os
+import pickle
 import random
-from concurrent.futures import ThreadPoolExecutor
+import zlib
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
+
+from streamconv.errors import ExecutionError, ValidationError
+from streamconv.storage import fileio
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8,
           torch.bool, torch.float8_e4m3fn]
@@ -190,3 +205,208 @@ class WriterTests:
         tensors = self.mixed()
         self.write(path, tensors)
         assert_same(self.load(path), tensors)
+
+
+# --- the stateless write protocol ---------------------------------------------------------------------------------
+
+@dataclass
+class ProtocolSession:
+    path: str
+    layout: object
+    index: dict[str, int]
+    pieces: list = field(default_factory=list)
+
+
+def _write_in_child(args):
+    """A piece written by another process: only the module name, path, layout and bytes cross over."""
+    module, path, layout, index, offset, data = args
+    return importlib.import_module(module).write_piece(path, layout, index, data, offset)
+
+
+def _raise_errno(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+class ProtocolTests(WriterTests):
+    module = None  # the format module: create, write_piece, finish, abort
+
+    def make_layout(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        """The format's layout for ``specs`` (name -> (torch dtype, shape), in file order)."""
+        raise NotImplementedError
+
+    # --- WriterTests hooks from the protocol -------------------------------------------------------------------
+    def begin(self, path, specs):
+        layout = self.make_layout(specs)
+        self.module.create(path, layout)
+        return ProtocolSession(path, layout, {n: i for i, n in enumerate(specs)})
+
+    def put(self, session, name, data, offset):
+        # list.append is atomic, so threads may share the list
+        session.pieces.append(self.module.write_piece(session.path, session.layout, session.index[name], data,
+                                                      offset))
+
+    def finish(self, session):
+        return self.module.finish(session.path, session.layout, session.pieces)
+
+    def abort(self, session):
+        self.module.abort(session.path)
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+    def specs_of(self, tensors):
+        return {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+
+    def three(self):
+        return {"a": make_tensor(torch.float32, (8,), 1), "b": make_tensor(torch.bfloat16, (4, 8), 2),
+                "c": make_tensor(torch.int64, (6,), 3)}
+
+    # --- protocol tests -----------------------------------------------------------------------------------------
+    def test_layout_is_cached_hashable_and_picklable(self):
+        specs = self.specs_of(self.mixed())
+        layout = self.make_layout(specs)
+        assert self.make_layout(dict(specs)) is layout
+        assert hash(layout) == hash(pickle.loads(pickle.dumps(layout)))
+        assert pickle.loads(pickle.dumps(layout)) == layout
+        assert len(layout.entries) == len(layout.spans) == len(specs)
+        assert all(end - start == raw_nbytes(*spec) for (start, end), spec in zip(layout.spans, specs.values()))
+
+    def test_spans_and_crcs_describe_the_file(self, tmp_path):
+        tensors = self.mixed()
+        path = str(tmp_path / "f")
+        session = self.begin(path, self.specs_of(tensors))
+        for name, t in tensors.items():
+            self.put(session, name, t, 0)
+        crcs = self.finish(session)
+        data = open(path, "rb").read()
+        assert len(data) == session.layout.size
+        assert crcs == [zlib.crc32(raw_bytes(t)) for t in tensors.values()]
+        for (start, end), t in zip(session.layout.spans, tensors.values()):
+            assert data[start:end] == raw_bytes(t)
+
+    def test_pieces_from_other_processes(self, tmp_path):
+        tensors = {f"w{i}": make_tensor(torch.float32, (32, 48), seed=i) for i in range(4)}
+        path, ref = str(tmp_path / "f"), str(tmp_path / "ref")
+        self.write(ref, tensors)
+        layout = self.make_layout(self.specs_of(tensors))
+        self.module.create(path, layout)
+        jobs = []
+        for i, t in enumerate(tensors.values()):
+            raw = np.frombuffer(raw_bytes(t), dtype=np.uint8)
+            jobs += [(self.module.__name__, path, layout, i, lo, raw[lo:lo + 1000]) for lo in range(0, len(raw), 1000)]
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+            pieces = list(pool.map(_write_in_child, jobs[::-1]))
+        crcs = self.module.finish(path, layout, pieces)
+        assert open(path, "rb").read() == open(ref, "rb").read()
+        assert crcs == [zlib.crc32(raw_bytes(t)) for t in tensors.values()]
+
+    def test_bad_tiling_names_tensors_and_keeps_the_temp_file(self, tmp_path):
+        tensors = self.three()
+        path = str(tmp_path / "f")
+        session = self.begin(path, self.specs_of(tensors))
+        raw_b = np.frombuffer(raw_bytes(tensors["b"]), dtype=np.uint8)
+        self.put(session, "a", tensors["a"], 0)
+        self.put(session, "b", raw_b[:16], 0)
+        self.put(session, "c", tensors["c"], 0)
+        self.put(session, "c", np.zeros(8, dtype=np.uint8), 4)
+        with pytest.raises(ValidationError) as info:
+            self.finish(session)
+        problems = info.value.problems
+        assert len(problems) == 2
+        assert "b: bytes [16, 64) were never written" in problems[0]
+        assert "c: pieces overlap at byte 4" in problems[1]
+        assert not os.path.exists(path) and os.path.exists(fileio.temp_name(path))
+        # Write what is missing, rewrite the damaged tensor, and finish; a duplicate piece (a retry) is fine.
+        session.pieces = session.pieces[:2]
+        self.put(session, "b", raw_b[16:], 16)
+        self.put(session, "c", tensors["c"], 0)
+        self.put(session, "a", tensors["a"], 0)
+        self.finish(session)
+        assert_same(self.load(path), tensors)
+
+    def test_finish_rejects_pieces_of_unknown_entries(self, tmp_path):
+        tensors = self.three()
+        path = str(tmp_path / "f")
+        session = self.begin(path, self.specs_of(tensors))
+        for name, t in tensors.items():
+            self.put(session, name, t, 0)
+        session.pieces.append((7, 0, 4, 0))
+        with pytest.raises(ValidationError, match="piece of entry 7"):
+            self.finish(session)
+        assert not os.path.exists(path)
+
+    def test_write_piece_rejects_bad_pieces(self, tmp_path):
+        layout = self.make_layout({"w": (torch.bfloat16, (4, 4))})
+        path = str(tmp_path / "f")
+        with pytest.raises(ExecutionError, match="Call create"):
+            self.module.write_piece(path, layout, 0, torch.zeros(4, 4, dtype=torch.bfloat16))
+        self.module.create(path, layout)
+        with pytest.raises(ExecutionError, match=r"w: piece \[28, 36\) lies outside the tensor's 32 bytes"):
+            self.module.write_piece(path, layout, 0, np.zeros(8, dtype=np.uint8), 28)
+        with pytest.raises(ExecutionError, match="outside"):
+            self.module.write_piece(path, layout, 0, b"xx", -2)
+        with pytest.raises(ExecutionError, match="w: piece has dtype torch.float32 .expected torch.bfloat16"):
+            self.module.write_piece(path, layout, 0, torch.zeros(4, 4))
+        with pytest.raises(ExecutionError, match="out of range"):
+            self.module.write_piece(path, layout, 1, b"")
+        self.module.abort(path)
+        assert os.listdir(tmp_path) == []
+
+    def test_finish_twice_or_after_abort(self, tmp_path):
+        tensors = self.three()
+        path = str(tmp_path / "f")
+        session = self.begin(path, self.specs_of(tensors))
+        for name, t in tensors.items():
+            self.put(session, name, t, 0)
+        self.finish(session)
+        with pytest.raises(ExecutionError, match="not found. Call create"):
+            self.finish(session)
+        assert_same(self.load(path), tensors)  # the finished file is untouched
+        self.module.abort(path)  # nothing to remove: the final name is never touched
+        assert os.listdir(tmp_path) == ["f"]
+
+    def test_finish_refuses_a_temp_file_of_another_layout(self, tmp_path):
+        path = str(tmp_path / "f")
+        small = self.make_layout({"w": (torch.float32, (4,))})
+        big = self.make_layout({"w": (torch.float32, (400,))})
+        self.module.create(path, small)
+        with pytest.raises(ExecutionError, match="created with another layout"):
+            self.module.finish(path, big, [(0, 0, 1600, 0)])
+        assert not os.path.exists(path)
+
+    def test_disk_full_during_a_write(self, tmp_path, monkeypatch):
+        tensors = self.three()
+        path = str(tmp_path / "f")
+        session = self.begin(path, self.specs_of(tensors))
+        monkeypatch.setattr(fileio.os, "pwrite", _raise_errno(errno.ENOSPC))
+        with pytest.raises(ExecutionError, match="disk full while writing. Free space and run the plan again"):
+            self.put(session, "b", tensors["b"], 0)
+        monkeypatch.undo()
+        assert not os.path.exists(path)
+        self.abort(session)
+        assert os.listdir(tmp_path) == []
+
+    def test_disk_full_at_create_leaves_nothing(self, tmp_path, monkeypatch):
+        layout = self.make_layout(self.specs_of(self.three()))
+        monkeypatch.setattr(os, "ftruncate", _raise_errno(errno.ENOSPC))
+        with pytest.raises(ExecutionError, match="disk full"):
+            self.module.create(str(tmp_path / "f"), layout)
+        assert os.listdir(tmp_path) == []
+
+    def test_fsync_failure_at_finish_never_shows_the_final_name(self, tmp_path, monkeypatch):
+        tensors = self.three()
+        path = str(tmp_path / "f")
+        session = self.begin(path, self.specs_of(tensors))
+        for name, t in tensors.items():
+            self.put(session, name, t, 0)
+        monkeypatch.setattr(os, "fsync", _raise_errno(errno.EIO))
+        with pytest.raises(ExecutionError, match="write failed"):
+            self.finish(session)
+        monkeypatch.undo()
+        assert not os.path.exists(path)
+        self.finish(session)  # the pieces are still there: finishing again works
+        assert_same(self.load(path), tensors)
+
+
+def raw_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return torch.empty((), dtype=dtype).element_size() * int(np.prod(shape, dtype=np.int64))

@@ -1,0 +1,175 @@
+"""The part of the stateless write protocol that every fixed-layout format shares.
+
+A format (torchzip, safetensors) fixes every byte offset up front in a frozen *layout* that has:
+
+* ``size``: bytes of the whole file;
+* ``entries``: one per tensor, each with ``.dtype`` (our dtype name) and ``.label`` (the name errors use);
+* ``spans``: the absolute ``(start, end)`` of each entry's bytes.
+
+The format module keeps its own ``create``/``write_piece``/``finish``/``abort`` (that is where its contract is
+documented) and calls these helpers for what does not depend on the format: making the temporary file,
+validating and writing one piece, checking that the pieces tile every entry and combining their CRCs, and
+committing the file (fsync, rename, fsync of the directory).  Nothing here holds state between calls, so any
+thread or process may call any function, in any order the protocol allows.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from .. import types
+from ..errors import ExecutionError, ValidationError
+from . import fileio
+
+Piece = tuple[int, int, int, int]  # (entry index, byte offset in the entry, length, crc32 of the piece)
+
+
+class _Entry(Protocol):
+    dtype: str
+
+    @property
+    def label(self) -> str: ...
+
+
+class Layout(Protocol):
+    """What the helpers read from a format's layout (see the module docstring)."""
+
+    size: int
+    entries: Sequence[_Entry]
+    spans: Sequence[tuple[int, int]]
+
+
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """The raw bytes of a tensor in row-major order, as a uint8 numpy array (no copy when contiguous)."""
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def create_temp(path: str, size: int, head: bytes = b"") -> None:
+    """Make ``fileio.temp_name(path)`` at ``size`` bytes (sparse) with ``head`` written at offset 0.
+
+    An existing temporary file is truncated: a new run never trusts the bytes of an old one."""
+    tmp = fileio.temp_name(path)
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as exc:
+        raise fileio.write_error(tmp, exc) from exc
+    try:
+        os.ftruncate(fd, size)
+        if head:
+            fileio.pwrite_all(fd, head, 0, path=tmp, write_behind=False)
+    except (OSError, ExecutionError) as exc:
+        os.close(fd)
+        abort(path)
+        if isinstance(exc, ExecutionError):
+            raise
+        raise fileio.write_error(tmp, exc) from exc
+    os.close(fd)
+
+
+def open_temp(path: str, flags: int) -> int:
+    try:
+        return os.open(fileio.temp_name(path), flags)
+    except FileNotFoundError:
+        raise ExecutionError(f"{fileio.temp_name(path)}: not found. Call create() first; finish() or abort() "
+                             f"may have run already.") from None
+
+
+def write_piece(path: str, layout: Layout, index: int, data: torch.Tensor | np.ndarray | bytes,
+                offset: int = 0) -> Piece:
+    """Check ``data`` against entry ``index`` (dtype for tensors, bounds always), pwrite it at its absolute
+    offset in the temporary file, and return ``(index, offset, length, crc32)``."""
+    if not 0 <= index < len(layout.entries):
+        raise ExecutionError(f"{path}: entry index {index} out of range (the layout has {len(layout.entries)}).")
+    entry = layout.entries[index]
+    if isinstance(data, torch.Tensor):
+        want = types.dtype(entry.dtype).torch
+        if data.dtype != want:
+            raise ExecutionError(f"{path}: {entry.label}: piece has dtype {data.dtype} (expected {want}). "
+                                 f"Cast it, or pass raw bytes as a uint8 numpy array.")
+        raw = memoryview(tensor_bytes(data))
+    elif isinstance(data, np.ndarray):
+        raw = memoryview(np.ascontiguousarray(data)).cast("B")
+    else:
+        raw = memoryview(data).cast("B")
+    start, end = layout.spans[index]
+    if offset < 0 or start + offset + len(raw) > end:
+        raise ExecutionError(f"{path}: {entry.label}: piece [{offset}, {offset + len(raw)}) lies outside the "
+                             f"tensor's {end - start} bytes. The plan's byte ranges are wrong.")
+    crc = fileio.crc32(raw)
+    if len(raw):
+        fd = open_temp(path, os.O_WRONLY)
+        try:
+            fileio.pwrite_all(fd, raw, start + offset, path=path)
+        finally:
+            os.close(fd)
+    return index, offset, len(raw), crc
+
+
+def entry_crcs(path: str, layout: Layout, pieces: Iterable[Piece]) -> list[int]:
+    """Each entry's CRC32 from its pieces' CRCs, in offset order; raises once listing every bad entry.
+
+    Exact duplicate pieces (a retried task) count once; any other overlap, and any gap, is an error."""
+    n = len(layout.entries)
+    by_entry: list[set[tuple[int, int, int]]] = [set() for _ in range(n)]
+    problems = []
+    for index, offset, length, crc in pieces:
+        if not 0 <= index < n:
+            problems.append(f"{path}: piece of entry {index} (the layout has {n} entries).")
+        elif length:
+            by_entry[index].add((offset, length, crc))
+    crcs = []
+    for entry, (start, end), found in zip(layout.entries, layout.spans, by_entry):
+        size, pos, crc = end - start, 0, 0
+        for offset, length, piece_crc in sorted(found):
+            if offset != pos:
+                what = "overlap" if offset < pos else "leave a gap"
+                problems.append(f"{path}: {entry.label}: pieces {what} at byte {min(offset, pos)} (expected "
+                                f"a piece at {pos}, got one at {offset}). Write each byte exactly once.")
+                break
+            # crc32(b"") == 0, so the first piece needs no combining (the slow part at ~2 ms a call).
+            crc = fileio.crc32_combine(crc, piece_crc, length) if pos else piece_crc
+            pos += length
+        else:
+            if pos != size:
+                problems.append(f"{path}: {entry.label}: bytes [{pos}, {size}) were never written. "
+                                f"Write the missing pieces, then call finish again.")
+        crcs.append(crc)
+    if problems:
+        raise ValidationError(problems)
+    return crcs
+
+
+def commit(path: str, size: int, patches: Iterable[tuple[int, bytes]] = ()) -> None:
+    """Write ``patches`` ((offset, bytes): headers known only now), fsync, rename the temporary file to
+    ``path`` and fsync the directory, so that the final name appears only with every byte durable."""
+    tmp = fileio.temp_name(path)
+    fd = open_temp(path, os.O_RDWR)
+    try:
+        found = os.fstat(fd).st_size
+        if found != size:
+            raise ExecutionError(f"{tmp}: size {found} (expected {size}). It was created with another layout; "
+                                 f"abort and start again.")
+        for offset, data in patches:
+            fileio.pwrite_all(fd, data, offset, path=path, write_behind=False)
+        os.fsync(fd)
+    except OSError as exc:
+        raise fileio.write_error(path, exc) from exc
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fileio.fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def abort(path: str) -> None:
+    """Remove the temporary file, if any. The final name is never touched."""
+    try:
+        os.unlink(fileio.temp_name(path))
+    except FileNotFoundError:
+        pass
