@@ -7,7 +7,8 @@
     {"kind": "file", "path": "iter_0000001/mp_rank_00/model_optim_rng.pt", "size": 123, "crc32": [..]}
 
 A file is journaled only after it was renamed to its final name, so a final name listed here is complete.
-``crc32`` lists the CRC32 of each tensor record (.pt) or of the whole file (text): ``verify`` recomputes them.
+``crc32`` lists the CRC32 of each tensor record (.pt), of each tensor's data (safetensors, header order) or of the whole file
+(text): ``verify`` recomputes them.
 """
 
 from __future__ import annotations

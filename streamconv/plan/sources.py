@@ -23,9 +23,14 @@ FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 
 
 def header_digest(path: str) -> str:
-    """sha256 of the 8-byte length and the JSON header of a safetensors file (staleness check)."""
+    """A digest of a source file's layout (staleness check): for a safetensors file, sha256 of its 8-byte
+    length and JSON header; for a torch zip (.pt), of its pickle and record table."""
     with open(path, "rb") as f:
         head = f.read(8)
+        if head[:4] == b"PK\x03\x04":
+            from ..storage.torchzip_reader import read_pt
+
+            return read_pt(path).digest
         if len(head) < 8:
             return ""
         (n,) = struct.unpack("<Q", head)
