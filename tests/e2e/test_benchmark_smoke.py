@@ -28,3 +28,21 @@ def test_harness_smoke(tmp_path, monkeypatch):
     by_name = {r["scenario"]: r for r in results}
     # same plan, different worker count: the same files to the byte count
     assert by_name["fp8"]["output_bytes"] == by_name["fp8-1worker"]["output_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /usr/bin/time or getrusage")
+def test_mcore2hf_benchmark_smoke(tmp_path, monkeypatch):
+    """streamconv (with and without replica checks) and the whole-stage baseline write the same bytes."""
+    from benchmarks import common
+    from benchmarks import mcore2hf as bench
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(common, "drop_caches", lambda: False)
+    monkeypatch.setattr(bench, "drop_caches", lambda: False)
+    assert bench.main(["--smoke", "--work-dir", str(tmp_path)]) == 0
+    with open(tmp_path / "mcore2hf-smoke.json") as f:
+        runs = json.load(f)["runs"]
+    assert set(runs) == {"streamconv", "streamconv+verify", "naive"}
+    assert len({r["output_bytes"] for r in runs.values()}) == 1
+    assert all(r["seconds"] > 0 and r["peak_rss_bytes"] for r in runs.values())
