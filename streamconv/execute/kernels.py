@@ -12,10 +12,12 @@ import os
 import torch
 
 from .. import types
-from ..graph.node import CastArg, CatArg, DequantArg, Node, Op, ReadArg, SliceArg, TransposeArg, ViewArg
+from ..graph.node import (BlockScaleArg, CastArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg,
+                          TransposeArg, ViewArg)
 from ..storage import fileio
 from ..storage.safetensors import bytes_to_tensor
 from . import copy as fastcopy
+from . import quant
 from .dequant import dequant_fp8_block
 
 
@@ -56,6 +58,14 @@ def _dequant(a: DequantArg, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return dequant_fp8_block(w, s, block=a.block, origin=a.origin, dtype=types.dtype(a.dtype).torch)
 
 
+def _block_scale(a: BlockScaleArg, x: torch.Tensor) -> torch.Tensor:
+    return quant.fp8_block_scale(x, block=a.block, dtype=types.dtype(a.dtype).torch)
+
+
+def _quant(a: QuantArg, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return quant.quant_fp8_block(x, s, block=a.block, origin=a.origin, dtype=types.dtype(a.dtype).torch)
+
+
 KERNELS = {
     Op.SLICE: _slice,
     Op.CAT: _cat,
@@ -63,6 +73,8 @@ KERNELS = {
     Op.TRANSPOSE: _transpose,
     Op.CAST: _cast,
     Op.DEQUANT_FP8_BLOCK: _dequant,
+    Op.FP8_BLOCK_SCALE: _block_scale,
+    Op.QUANT_FP8_BLOCK: _quant,
 }
 
 

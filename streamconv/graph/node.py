@@ -30,6 +30,8 @@ class Op(str, Enum):
     TRANSPOSE = "transpose"          # swap two dims
     CAST = "cast"                    # dtype conversion (round-to-nearest-even as torch does)
     DEQUANT_FP8_BLOCK = "dequant_fp8_block"  # block-scaled FP8: float32(w) * scale_inv[block] -> dtype
+    FP8_BLOCK_SCALE = "fp8_block_scale"      # per-block scale_inv = amax|x| / fp8_max (float32)
+    QUANT_FP8_BLOCK = "quant_fp8_block"      # fp8(float32(x) / scale_inv[block]), the inverse of dequant
 
 
 # --- argument types -------------------------------------------------------------------------------------------
@@ -90,6 +92,33 @@ class DequantArg:
     dtype: str
 
 
+@dataclass(frozen=True)
+class BlockScaleArg:
+    """Per-block scales for FP8 quantization: ``out[i, j] = amax(|float32(x[block i, j])|) / fp8_max``, float32.
+
+    ``block`` = (br, bc); ``dtype`` is the fp8 format the scales are for (``fp8_max`` = 448 for float8_e4m3fn,
+    57344 for float8_e5m2: DeepSeek-V3's ``s = amax / 448``).  Blocks are counted from the data's element
+    [0, 0]; edge blocks cover what exists.  An all-zero block has scale 0, which quantization maps to +0.
+    """
+
+    block: tuple[int, int]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class QuantArg:
+    """Block quantization: ``out[r, c] = dtype(float32(x[r, c]) / s[(r + r0) // br, (c + c0) // bc])``.
+
+    ``origin`` = (r0, c0) as in :class:`DequantArg`.  The cast is torch's (round to nearest even;
+    float8_e4m3fn saturates to +-448, inf included; float8_e5m2 overflows to inf; NaN stays NaN); where the
+    scale is zero the output is +0.
+    """
+
+    block: tuple[int, int]
+    origin: tuple[int, int]
+    dtype: str
+
+
 ARG_TYPES: dict[Op, type] = {
     Op.READ: ReadArg,
     Op.SLICE: SliceArg,
@@ -98,6 +127,8 @@ ARG_TYPES: dict[Op, type] = {
     Op.TRANSPOSE: TransposeArg,
     Op.CAST: CastArg,
     Op.DEQUANT_FP8_BLOCK: DequantArg,
+    Op.FP8_BLOCK_SCALE: BlockScaleArg,
+    Op.QUANT_FP8_BLOCK: QuantArg,
 }
 
 
@@ -257,6 +288,39 @@ def _rule_dequant(src, a: DequantArg):
     return a.dtype, w.shape
 
 
+FP8 = ("float8_e4m3fn", "float8_e5m2")
+QUANT_INPUTS = ("bfloat16", "float16", "float32")
+
+
+def _rule_block_scale(src, a: BlockScaleArg):
+    (x,) = _arity(Op.FP8_BLOCK_SCALE, src, 1, a)
+    if x.dtype not in QUANT_INPUTS or len(x.shape) != 2:
+        raise _fail(Op.FP8_BLOCK_SCALE, f"data must be a 2-D {'/'.join(QUANT_INPUTS)} tensor", src, a)
+    br, bc = a.block
+    if br <= 0 or bc <= 0:
+        raise _fail(Op.FP8_BLOCK_SCALE, "block sizes must be positive", src, a)
+    if a.dtype not in FP8:
+        raise _fail(Op.FP8_BLOCK_SCALE, f"dtype must be one of {FP8}", src, a)
+    return "float32", (-(-x.shape[0] // br), -(-x.shape[1] // bc))
+
+
+def _rule_quant(src, a: QuantArg):
+    x, s = _arity(Op.QUANT_FP8_BLOCK, src, 2, a)
+    if x.dtype not in QUANT_INPUTS or len(x.shape) != 2:
+        raise _fail(Op.QUANT_FP8_BLOCK, f"data must be a 2-D {'/'.join(QUANT_INPUTS)} tensor", src, a)
+    if s.dtype != "float32" or len(s.shape) != 2:
+        raise _fail(Op.QUANT_FP8_BLOCK, "scales must be a 2-D float32 tensor", src, a)
+    (br, bc), (r0, c0) = a.block, a.origin
+    if br <= 0 or bc <= 0 or not (0 <= r0 < br and 0 <= c0 < bc):
+        raise _fail(Op.QUANT_FP8_BLOCK, "origin must lie inside the first block", src, a)
+    want = (-(-(r0 + x.shape[0]) // br), -(-(c0 + x.shape[1]) // bc))
+    if tuple(s.shape) != want:
+        raise _fail(Op.QUANT_FP8_BLOCK, f"scales must be {list(want)} for this data and origin", src, a)
+    if a.dtype not in FP8:
+        raise _fail(Op.QUANT_FP8_BLOCK, f"dtype must be one of {FP8}", src, a)
+    return a.dtype, x.shape
+
+
 def _arity(op, src, n, arg):
     if len(src) != n:
         raise _fail(op, f"takes {n} source(s), got {len(src)}", src, arg)
@@ -271,6 +335,8 @@ RULES: dict[Op, Callable] = {
     Op.TRANSPOSE: _rule_transpose,
     Op.CAST: _rule_cast,
     Op.DEQUANT_FP8_BLOCK: _rule_dequant,
+    Op.FP8_BLOCK_SCALE: _rule_block_scale,
+    Op.QUANT_FP8_BLOCK: _rule_quant,
 }
 
 
@@ -343,6 +409,18 @@ def cast(x: Node, dtype: str) -> Node:
 def dequant_fp8_block(w: Node, scale: Node, *, block: tuple[int, int] = (128, 128),
                       origin: tuple[int, int] = (0, 0), dtype: str = "bfloat16") -> Node:
     return make(Op.DEQUANT_FP8_BLOCK, (w, scale), DequantArg(tuple(block), tuple(origin), dtype))
+
+
+def fp8_block_scale(x: Node, *, block: tuple[int, int] = (128, 128), dtype: str = "float8_e4m3fn") -> Node:
+    """The float32 ``scale_inv`` grid that :func:`quant_fp8_block` needs to quantize ``x`` to ``dtype``."""
+    return make(Op.FP8_BLOCK_SCALE, (x,), BlockScaleArg(tuple(block), dtype))
+
+
+def quant_fp8_block(x: Node, scale: Node, *, block: tuple[int, int] = (128, 128),
+                    origin: tuple[int, int] = (0, 0), dtype: str = "float8_e4m3fn") -> Node:
+    """``x`` quantized with ``scale`` (``scale_inv``): with the scales an FP8 checkpoint was dequantized with,
+    this gives back its fp8 bytes exactly (see ``streamconv.execute.quant``)."""
+    return make(Op.QUANT_FP8_BLOCK, (x, scale), QuantArg(tuple(block), tuple(origin), dtype))
 
 
 def toposort(roots) -> list[Node]:

@@ -14,15 +14,19 @@ Rules, one per op (``_RULES``):
 5. transpose        -> narrow the swapped dim of the source
 6. view, dim 0      -> when the band is a whole number of the source's rows, narrow the source's rows
 7. dequant, dim 0/1 -> narrow the data and the covering scale blocks, shift the block origin
-8. anything else    -> a plain slice of the node
+8. quant, dim 0/1   -> the same as dequant (data, covering scale blocks, origin)
+9. block scale      -> the scales of the data's rows/columns under those blocks (a scale range is always
+                       whole blocks, so this always applies; the last block keeps its partial extent)
+10. anything else   -> a plain slice of the node
 """
 
 from __future__ import annotations
 
 import math
 
-from .node import (CatArg, DequantArg, Node, Op, ReadArg, SliceArg, TransposeArg, ViewArg, cast, cat,
-                   dequant_fp8_block, narrow_dim, read, slice_, transpose, view)
+from .node import (BlockScaleArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg, TransposeArg, ViewArg,
+                   cast, cat, dequant_fp8_block, fp8_block_scale, narrow_dim, quant_fp8_block, read, slice_,
+                   transpose, view)
 
 
 def narrow(x: Node, dim: int, start: int, stop: int) -> Node:
@@ -96,16 +100,38 @@ def _view(x: Node, dim, start, stop):
     return view(inner, (stop - start,) + tuple(a.shape[1:]))
 
 
-def _dequant(x: Node, dim, start, stop):
-    a: DequantArg = x.arg
-    w, s = x.src
+def _covering_blocks(a: DequantArg | QuantArg, dim, start, stop) -> tuple[int, int, tuple[int, int]]:
+    """Scale blocks ``[b0, b1)`` along ``dim`` that cover data ``[start, stop)``, and the origin of the band."""
     block, origin = a.block[dim], a.origin[dim]
     b0 = (origin + start) // block
     b1 = -(-(origin + stop) // block)
     new_origin = list(a.origin)
     new_origin[dim] = (origin + start) - b0 * block
+    return b0, b1, tuple(new_origin)
+
+
+def _dequant(x: Node, dim, start, stop):
+    a: DequantArg = x.arg
+    w, s = x.src
+    b0, b1, origin = _covering_blocks(a, dim, start, stop)
     return dequant_fp8_block(narrow(w, dim, start, stop), narrow(s, dim, b0, b1),
-                             block=a.block, origin=tuple(new_origin), dtype=a.dtype)
+                             block=a.block, origin=origin, dtype=a.dtype)
+
+
+def _quant(x: Node, dim, start, stop):
+    a: QuantArg = x.arg
+    data, s = x.src
+    b0, b1, origin = _covering_blocks(a, dim, start, stop)
+    return quant_fp8_block(narrow(data, dim, start, stop), narrow(s, dim, b0, b1),
+                           block=a.block, origin=origin, dtype=a.dtype)
+
+
+def _block_scale(x: Node, dim, start, stop):
+    a: BlockScaleArg = x.arg
+    (data,) = x.src
+    block, size = a.block[dim], data.shape[dim]
+    return fp8_block_scale(narrow(data, dim, min(start * block, size), min(stop * block, size)),
+                           block=a.block, dtype=a.dtype)
 
 
 _RULES = {
@@ -116,4 +142,6 @@ _RULES = {
     Op.TRANSPOSE: _transpose,
     Op.VIEW: _view,
     Op.DEQUANT_FP8_BLOCK: _dequant,
+    Op.QUANT_FP8_BLOCK: _quant,
+    Op.FP8_BLOCK_SCALE: _block_scale,
 }

@@ -19,7 +19,8 @@ from streamconv.errors import GraphError
 from streamconv.execute.kernels import materialize
 from streamconv.graph.codec import graph_from_json, graph_to_json
 from streamconv.graph.node import (CastArg, CatArg, DequantArg, Node, Op, ReadArg, SliceArg, TransposeArg, ViewArg,
-                                   cast, cat, chunk, dequant_fp8_block, make, read, slice_, toposort, transpose, view)
+                                   cast, cat, chunk, dequant_fp8_block, fp8_block_scale, make, quant_fp8_block, read,
+                                   slice_, toposort, transpose, view)
 from streamconv.graph.rewrite import narrow
 from streamconv.mapping.rules import grouped_weight1, grouped_weight2
 from streamconv.storage.safetensors import SafetensorsWriter, read_header
@@ -75,6 +76,15 @@ VALID = [
      "float32", (3, 4)),
     ("dequant-small-block", lambda: dequant_fp8_block(f8((10, 9)), sc((4, 3)), block=(3, 4), origin=(2, 3)),
      "bfloat16", (10, 9)),
+    ("block-scale", lambda: fp8_block_scale(r((576, 300))), "float32", (5, 3)),
+    ("block-scale-e5m2-f16", lambda: fp8_block_scale(r((10, 9), "float16"), block=(3, 4), dtype="float8_e5m2"),
+     "float32", (4, 3)),
+    ("block-scale-empty", lambda: fp8_block_scale(r((0, 7))), "float32", (0, 1)),
+    ("quant", lambda: quant_fp8_block(r((300, 200)), sc((3, 2))), "float8_e4m3fn", (300, 200)),
+    ("quant-origin", lambda: quant_fp8_block(r((300, 200), "float32"), sc((3, 3)), origin=(5, 70)), "float8_e4m3fn",
+     (300, 200)),
+    ("quant-e5m2", lambda: quant_fp8_block(r((10, 9)), sc((4, 3)), block=(3, 4), origin=(2, 3), dtype="float8_e5m2"),
+     "float8_e5m2", (10, 9)),
 ]
 
 
@@ -82,7 +92,8 @@ VALID = [
 def test_rule_valid(build, dtype, shape):
     node = build()
     assert (node.dtype, node.shape) == (dtype, shape)
-    assert node.nbytes == math.prod(shape) * {"bfloat16": 2, "float16": 2, "float32": 4, "int64": 8}[dtype]
+    assert node.nbytes == math.prod(shape) * {"bfloat16": 2, "float16": 2, "float32": 4, "int64": 8, "float8_e4m3fn": 1,
+                                             "float8_e5m2": 1}[dtype]
 
 
 X = r((4, 6))
@@ -134,6 +145,13 @@ INVALID = [
     ("dequant-origin-negative", lambda: dequant_fp8_block(f8((4, 4)), sc((1, 1)), origin=(0, -1))),
     ("dequant-block-zero", lambda: dequant_fp8_block(f8((4, 4)), sc((1, 1)), block=(0, 128))),
     ("dequant-unknown-out-dtype", lambda: dequant_fp8_block(f8((4, 4)), sc((1, 1)), dtype="bf16")),
+    ("block-scale-fp8-data", lambda: fp8_block_scale(f8((4, 4)))),
+    ("block-scale-1d", lambda: fp8_block_scale(r((4,)))),
+    ("block-scale-out-not-fp8", lambda: fp8_block_scale(r((4, 4)), dtype="float32")),
+    ("quant-scale-too-few-rows", lambda: quant_fp8_block(r((300, 200)), sc((2, 2)))),
+    ("quant-scale-bf16", lambda: quant_fp8_block(r((4, 4)), r((1, 1)))),
+    ("quant-data-fp8", lambda: quant_fp8_block(f8((4, 4)), sc((1, 1)))),
+    ("quant-out-not-fp8", lambda: quant_fp8_block(r((4, 4)), sc((1, 1)), dtype="bfloat16")),
 ]
 
 
@@ -239,7 +257,9 @@ def test_round_trip_identity_and_sharing():
 def random_graph(draw, max_ops=8):
     """A random well-typed graph over a few reads (shapes kept small)."""
     pool = [r((6, 4)), r((6, 4), tensor="u", offset=48), r((2, 3, 4), "float32", tensor="v"),
-            dequant_fp8_block(f8((5, 7)), sc((2, 3)), block=(3, 3), origin=(1, 2))]
+            dequant_fp8_block(f8((5, 7)), sc((2, 3)), block=(3, 3), origin=(1, 2)),
+            quant_fp8_block(r((5, 7)), fp8_block_scale(r((5, 7)), block=(3, 3)), block=(3, 3)),
+            quant_fp8_block(r((5, 7), "float32"), sc((2, 3)), block=(3, 3), origin=(1, 2), dtype="float8_e5m2")]
     for _ in range(draw(st.integers(1, max_ops))):
         x = draw(st.sampled_from(pool))
         kind = draw(st.sampled_from(["slice", "cat", "view", "transpose", "cast"]))
@@ -386,6 +406,9 @@ def _cases(n: dict) -> dict[str, Node]:
         "dequant-origin": deq_part,
         "dequant-transposed": transpose(deq),
         "dequant-cast-cat": cast(cat([deq, bf], 1), "float32"),
+        "requant": quant_fp8_block(deq, n["w8_s"]),
+        "quant-of-cat": quant_fp8_block(cat([bf, bf2], 1), fp8_block_scale(cat([bf, bf2], 1))),
+        "block-scale": fp8_block_scale(f32, block=(7, 9), dtype="float8_e5m2"),
         "grouped-w1": grouped_weight1(fc1),
         "grouped-w2": grouped_weight2(fc2),
         "grouped-w1-fp8-tp": grouped_weight1(fp8_fc1),
