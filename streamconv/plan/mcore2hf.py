@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 from ..errors import ValidationError
-from ..graph.node import Node, read
+from ..graph.node import Node, fp8_block_scale, quant_fp8_block, read
 from ..layout.parallel import ParallelSizes
 from ..models import deepseek_v3 as dsv3
 from .mcore_source import McoreSource
@@ -197,8 +197,6 @@ def _replica_checks(src: McoreSource, replicas, verify: bool | None) -> tuple[Re
 def _fp8_export(cfg, sizes, options, tensors: dict[str, Node], load_dir: str, scales_from: str | None
                 ) -> tuple[dict[str, Node], list[SourceFile]]:
     """Linear weights re-quantized to 128x128-block FP8 with their ``_scale_inv`` right after them."""
-    from ..graph.node import fp8_block_scale, quant_fp8_block
-
     original = None
     files: list[SourceFile] = []
     rename = dsv3.output_to_source_layer(cfg, sizes, options)
