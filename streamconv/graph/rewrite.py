@@ -8,11 +8,12 @@ unrestricted node, which keeps its content key, so all bands share one materiali
 
 Rules, one per op (``_RULES``):
 1. read, dim 0      -> a read of fewer rows (one contiguous positional read)
-2. slice            -> compose the ranges, narrow the source, keep what is left of the slice
+2. slice            -> compose the ranges and narrow the source along every restricted dim
 3. cat, same dim    -> only the overlapping parts, each narrowed; other dim -> narrow every part
 4. cast             -> cast of the narrowed source
 5. transpose        -> narrow the swapped dim of the source
-6. view, dim 0      -> when the band is a whole number of the source's rows, narrow the source's rows
+6. view, dim 0      -> of a read: a read of those bytes; else, when the band is a whole number of the
+                      source's rows, narrow the source's rows
 7. dequant, dim 0/1 -> narrow the data and the covering scale blocks, shift the block origin
 8. quant, dim 0/1   -> the same as dequant (data, covering scale blocks, origin)
 9. block scale      -> the scales of the data's rows/columns under those blocks (a scale range is always
@@ -23,6 +24,8 @@ Rules, one per op (``_RULES``):
 from __future__ import annotations
 
 import math
+
+from .. import types
 
 from .node import (BlockScaleArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg, TransposeArg, ViewArg,
                    cast, cat, dequant_fp8_block, fp8_block_scale, narrow_dim, quant_fp8_block, read, slice_,
@@ -49,14 +52,15 @@ def _read(x: Node, dim, start, stop):
 
 
 def _slice(x: Node, dim, start, stop):
+    # Every dim the slice restricts is pushed down too, first to last, not only ``dim``: an expert's rows of
+    # a grouped-GEMM stack, cut by a column band, must still reach the read as rows.
     a: SliceArg = x.arg
     (src,) = x.src
-    lo = a.offsets[dim] + start
-    inner = narrow(src, dim, lo, a.offsets[dim] + stop)
-    offsets = list(a.offsets)
-    lengths = list(a.lengths)
-    offsets[dim], lengths[dim] = 0, stop - start
-    return slice_(inner, tuple(offsets), tuple(lengths))
+    inner = src
+    for d, (o, n) in enumerate(zip(a.offsets, a.lengths)):
+        lo, hi = (o + start, o + stop) if d == dim else (o, o + n)
+        inner = narrow(inner, d, lo, hi)
+    return inner
 
 
 def _cat(x: Node, dim, start, stop):
@@ -91,6 +95,15 @@ def _view(x: Node, dim, start, stop):
     (src,) = x.src
     if dim != 0 or not src.shape:
         return None
+    if src.op is Op.READ:
+        # A read is one contiguous byte range, so rows of any view of it are a read too, whether or not they
+        # fall on the stored tensor's row boundaries (an expert's block of a grouped-GEMM weight1 whose
+        # expert count does not divide the hidden size).
+        r: ReadArg = src.arg
+        itemsize = types.dtype(src.dtype).itemsize
+        base = r.offset + r.rows[0] * math.prod(r.shape[1:]) * itemsize
+        offset = base + start * math.prod(a.shape[1:]) * itemsize
+        return read(r.file, r.tensor, r.dtype, (stop - start,) + tuple(a.shape[1:]), offset=offset)
     row = math.prod(a.shape[1:])        # elements per output row
     src_row = math.prod(src.shape[1:])  # elements per source row
     lo, hi = start * row, stop * row

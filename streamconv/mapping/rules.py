@@ -23,7 +23,6 @@ from __future__ import annotations
 from enum import Enum
 
 from ..graph.node import Node, cat, chunk, slice_, transpose, view
-from ..graph.rewrite import narrow
 
 
 class Split(str, Enum):
@@ -126,9 +125,7 @@ def ungroup_weight1(weight1: Node, n: int) -> list[Node]:
     h, nc = weight1.shape
     c = nc // n
     stacked = view(weight1, (n * h, c))             # memory is [n, H, C]
-    # narrow, not slice: expert q's H*C elements are whole rows of weight1 when n divides H, so the
-    # restriction reaches the read and an expert costs its own bytes, not the whole stack's.
-    return [transpose(narrow(stacked, 0, q * h, (q + 1) * h)) for q in range(n)]
+    return [transpose(slice_(stacked, (q * h, 0), (h, c))) for q in range(n)]
 
 
 def ungroup_weight2(weight2: Node, n: int) -> list[Node]:
