@@ -1,4 +1,5 @@
-"""Block-scaled FP8 quantization, the inverse of :mod:`.dequant`: DeepSeek-V3's weight recipe.
+"""Block-scaled FP8 quantization, the inverse of :mod:`.dequant`: the ``amax / fp8_max`` weight recipe of
+block-scaled FP8 releases.
 
 Two kernels, one per op:
 

@@ -97,7 +97,7 @@ class BlockScaleArg:
     """Per-block scales for FP8 quantization: ``out[i, j] = amax(|float32(x[block i, j])|) / fp8_max``, float32.
 
     ``block`` = (br, bc); ``dtype`` is the fp8 format the scales are for (``fp8_max`` = 448 for float8_e4m3fn,
-    57344 for float8_e5m2: DeepSeek-V3's ``s = amax / 448``).  Blocks are counted from the data's element
+    57344 for float8_e5m2: the release recipe ``s = amax / 448``).  Blocks are counted from the data's element
     [0, 0]; edge blocks cover what exists.  An all-zero block has scale 0, which quantization maps to +0.
     """
 

@@ -102,7 +102,8 @@ def test_round_trip_random_weights(data):
     w = codes.view(fp8)
     n = grid(rows, cols, block)
     scale_value = st.one_of(st.floats(lo, hi, width=32, allow_subnormal=False),
-                            st.floats(float(np.float32(1e-4)), float(np.float32(1e-2)), width=32), st.sampled_from(_awkward_scales(fp8)))
+                            st.floats(float(np.float32(1e-4)), float(np.float32(1e-2)), width=32),
+                            st.sampled_from(_awkward_scales(fp8)))
     values = data.draw(st.lists(scale_value, min_size=min(n[0] * n[1], 8), max_size=8), label="scales")
     s = torch.tensor(values, dtype=torch.float32)[torch.randint(0, len(values), n, generator=gen)]
     deq = dequant_fp8_block(w, s, block=block)
@@ -181,7 +182,8 @@ def test_float32_bit_patterns_sample():
     mants = torch.tensor([0, 1, 0x7FFFF, 0x80000, 0x80001, 0xFFFFF, 0x100000, 0x17FFFF, 0x180000, 0x180001, 0x3FFFFF,
                           0x400000, 0x7FFFFF], dtype=torch.int64)
     bits = (exps[:, None] | mants[None, :]).reshape(-1)
-    bits = torch.cat([bits, bits | (1 << 31), torch.randint(0, 2 ** 32, (200_000,), generator=torch.Generator().manual_seed(5))])
+    rand = torch.randint(0, 2 ** 32, (200_000,), generator=torch.Generator().manual_seed(5))
+    bits = torch.cat([bits, bits | (1 << 31), rand])
     x = bits.to(torch.int32).view(torch.float32).reshape(-1, 16)
     ones = torch.ones(1, 1)
     for fp8 in (E4M3, E5M2):
@@ -353,7 +355,8 @@ def ckpt(tmp_path_factory):
     }
     root = str(tmp_path_factory.mktemp("ckpt"))
     path = os.path.join(root, "model.safetensors")
-    with SafetensorsWriter(path, [(k, types.from_torch(v.dtype).name, tuple(v.shape)) for k, v in tensors.items()]) as w:
+    entries = [(k, types.from_torch(v.dtype).name, tuple(v.shape)) for k, v in tensors.items()]
+    with SafetensorsWriter(path, entries) as w:
         for k, v in tensors.items():
             w.write(k, v)
     nodes = {k: read("model.safetensors", k, i.dtype, i.shape, offset=i.start)
