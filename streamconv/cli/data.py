@@ -18,7 +18,6 @@ import argparse
 import os
 
 from ..data import handlers
-from .report import human
 
 
 def register(sub) -> None:
@@ -88,7 +87,7 @@ def cmd_preprocess(args) -> int:
     print(f"{c['rows']} rows -> {c['documents']} documents, {c['tokens']} tokens in {result.seconds:.1f} s"
           + (f" ({'; '.join(extra)})" if extra else ""))
     for prefix in result.outputs.values():
-        print(f"  {prefix}.bin  {human(os.path.getsize(prefix + '.bin'))}   {prefix}.idx")
+        print(f"  {prefix}.bin ({os.path.getsize(prefix + '.bin') / 1e6:.2f} MB) and .idx")
     return 0
 
 

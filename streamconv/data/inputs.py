@@ -132,7 +132,7 @@ def _parquet_rows(path: str, columns: list[str], batch_rows: int, skip: int):
     groups, row = [], 0
     for g in range(pf.metadata.num_row_groups):  # whole row groups before ``skip`` are never decoded
         n = pf.metadata.row_group(g).num_rows
-        if row + n <= skip:
+        if not groups and row + n <= skip:
             row += n
             continue
         groups.append(g)
