@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -44,8 +45,7 @@ class Encoded:
 
 def _pack(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
-    total = int(lengths.sum(dtype=np.int64))
-    tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=total)
+    tokens = np.fromiter(chain.from_iterable(seqs), dtype=np.int32, count=int(lengths.sum(dtype=np.int64)))
     return tokens, lengths
 
 
@@ -98,11 +98,11 @@ class PretrainHandler:
         eod = [self.tokenizer.info.eos_id] if self.append_eod else []
         for key in self.keys:
             texts = [v for v, ok in zip(batch.columns[key], good) if ok and v]  # "" -> no document
-            seqs = [ids + eod for ids in self.tokenizer.encode_call(texts)]
-            seqs = [s for s in seqs if s]
-            out[key] = _pack(seqs)
-            tokens += int(out[key][0].size)
-            docs += len(seqs)
+            ids, lengths = self.tokenizer.encode_call_packed(texts, eod)
+            lengths = lengths[lengths > 0]  # a text giving no tokens gives no document
+            out[key] = ids, lengths
+            tokens += int(ids.size)
+            docs += int(lengths.size)
         return Encoded(out, {"rows": n, "documents": docs, "tokens": tokens, "skipped_bad_rows": n - sum(good)})
 
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import dask
 
 from ..errors import SourceError, ValidationError
+from ..storage import fileio
 from . import indexed, inputs
 from .handlers import (HANDLERS, INSTRUCTION, PRETRAIN, Encoded, InstructionHandler, PretrainHandler,
                        parse_map_keys)
@@ -118,9 +119,7 @@ def _append(path: str, record: dict) -> None:
         os.write(fd, line)
         os.fsync(fd)
     except OSError as exc:
-        from ..storage.fileio import write_error
-
-        raise write_error(path, exc) from exc
+        raise fileio.write_error(path, exc) from exc
     finally:
         os.close(fd)
 
@@ -237,6 +236,7 @@ def preprocess(opts: PreprocessOptions, *, stream=None) -> PreprocessResult:
     os.makedirs(os.path.dirname(os.path.abspath(opts.output_prefix)), exist_ok=True)
     # One worker per thread of ours: keep the tokenizers library's own thread pool out of each call.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    fileio.release_large_allocations()  # freed batch buffers go back to the OS (see fileio)
 
     records = _read_journal(jpath, digest)
     point = _resume_point(records, prefixes) if records else None

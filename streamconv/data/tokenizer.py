@@ -25,9 +25,13 @@ import json
 import os
 import threading
 from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
 
 from ..errors import SourceError, ValidationError
 
+SUB_BATCH = 64
 _LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 
 
@@ -102,26 +106,54 @@ class Tokenizer:
             raise SourceError(f"{where}: {what} {text!r} is not in the tokenizer's vocabulary. Fix the config.")
         return tid
 
+    def _ids(self, texts: list[str], special: bool):
+        """Yield the ids (a list) of each text, encoding ``SUB_BATCH`` texts at a time: an ``Encoding`` holds
+        tokens, offsets and masks besides the ids (~10x the text), so only a few of them live at once."""
+        for start in range(0, len(texts), SUB_BATCH):
+            for e in self._encode(texts[start: start + SUB_BATCH], add_special_tokens=special):
+                yield e.ids
+
     def encode_plain(self, texts: list[str]) -> list[list[int]]:
         """``tokenizer.encode(text, add_special_tokens=False)`` for each text."""
-        if not texts:
-            return []
-        return [e.ids for e in self._encode(texts, add_special_tokens=False)]
+        return list(self._ids(texts, False))
 
     def encode_call(self, texts: list[str]) -> list[list[int]]:
         """What calling the HF tokenizer on each text gives (``tokenizer(text)["input_ids"]``): BOS/EOS per the
         config flags, or the tokenizer.json post-processor when the config states none."""
-        if not texts:
-            return []
         info = self.info
         if info.add_bos is None:
-            return [e.ids for e in self._encode(texts, add_special_tokens=True)]
+            return list(self._ids(texts, True))
         head = [info.bos_id] if info.add_bos else []
         tail = [info.eos_id] if info.add_eos else []
-        return [head + e.ids + tail for e in self._encode(texts, add_special_tokens=False)]
+        return [head + ids + tail for ids in self._ids(texts, False)]
+
+    def encode_call_packed(self, texts: list[str], append: list[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode_call` of every text with ``append`` added to each, as (int32 tokens concatenated,
+        int32 lengths), without holding the batch as Python lists."""
+        info = self.info
+        special = info.add_bos is None
+        head = [info.bos_id] if info.add_bos else []
+        tail = ([info.eos_id] if info.add_eos else []) + list(append)
+        parts, lengths = [], np.empty(len(texts), dtype=np.int32)
+        chunk: list[list[int]] = []
+        for i, ids in enumerate(self._ids(texts, special)):
+            seq = head + ids + tail if (head or tail) else ids
+            lengths[i] = len(seq)
+            chunk.append(seq)
+            if len(chunk) == SUB_BATCH:
+                parts.append(_flatten(chunk))
+                chunk = []
+        if chunk:
+            parts.append(_flatten(chunk))
+        tokens = np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
+        return tokens, lengths
 
     def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def _flatten(seqs: list[list[int]]) -> np.ndarray:
+    return np.fromiter(chain.from_iterable(seqs), dtype=np.int32, count=sum(map(len, seqs)))
 
 
 _CACHE: dict[tuple, Tokenizer] = {}
