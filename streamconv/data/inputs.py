@@ -74,11 +74,19 @@ def list_inputs(path: str) -> tuple[list[str], list[str]]:
     return files, skipped
 
 
+def _parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValidationError("reading parquet needs pyarrow: pip install 'streamconv[data]'.") from None
+    return pq
+
+
 def check_inputs(files: list[str], columns: list[str]) -> int | None:
     """Checks that need no full read, all problems at once: parquet files open and hold ``columns``, and the
     input is not plainly empty.  Returns the total row count when every file is parquet (else None: JSON rows
     are counted while reading)."""
-    import pyarrow.parquet as pq
+    pq = _parquet() if any(p.endswith(".parquet") for p in files) else None
 
     problems, total, all_parquet = [], 0, True
     for path in files:
@@ -126,9 +134,7 @@ def iter_batches(files: list[str], columns: list[str], batch_rows: int, *, start
 
 
 def _parquet_rows(path: str, columns: list[str], batch_rows: int, skip: int):
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
+    pf = _parquet().ParquetFile(path)
     groups, row = [], 0
     for g in range(pf.metadata.num_row_groups):  # whole row groups before ``skip`` are never decoded
         n = pf.metadata.row_group(g).num_rows
