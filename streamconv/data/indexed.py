@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,8 @@ def paths(prefix: str) -> dict[str, str]:
 class IndexedWriter:
     """Append-only writer of one dataset, one sequence per document, under temporary names.
 
-    Protocol (one caller thread at a time):
+    Protocol (one caller at a time; ``close`` may come from another thread, after which ``append`` fails
+    instead of writing to a descriptor number the OS may have reused):
       1) ``IndexedWriter(prefix)`` opens ``.bin.partial`` and ``.len.partial``; ``resume_at=(bin_bytes, count)``
          keeps that much of them (and fails if they are shorter) instead of starting empty;
       2) ``append(tokens, lengths)`` any number of times (tokens of consecutive sequences, concatenated);
@@ -70,6 +72,7 @@ class IndexedWriter:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         self.paths = paths(prefix)
+        self._lock = threading.Lock()
         flags = os.O_RDWR | os.O_CREAT | (0 if resume_at else os.O_TRUNC)
         self._bin = os.open(self.paths["bin_tmp"], flags, 0o644)
         self._len = os.open(self.paths["len_tmp"], flags, 0o644)
@@ -93,17 +96,25 @@ class IndexedWriter:
         lengths = np.ascontiguousarray(lengths, dtype=np.int32)
         if int(lengths.sum(dtype=np.int64)) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())}, but {tokens.size} tokens were given")
-        fileio.pwrite_all(self._bin, tokens, self.bin_bytes, path=self.paths["bin_tmp"])
-        fileio.pwrite_all(self._len, lengths, 4 * self.count, path=self.paths["len_tmp"], write_behind=False)
-        self.bin_bytes += tokens.nbytes
-        self.count += lengths.size
+        with self._lock:
+            self._check_open()
+            fileio.pwrite_all(self._bin, tokens, self.bin_bytes, path=self.paths["bin_tmp"])
+            fileio.pwrite_all(self._len, lengths, 4 * self.count, path=self.paths["len_tmp"], write_behind=False)
+            self.bin_bytes += tokens.nbytes
+            self.count += lengths.size
 
     def sync(self) -> None:
-        for fd, name in ((self._bin, "bin_tmp"), (self._len, "len_tmp")):
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                raise fileio.write_error(self.paths[name], exc) from exc
+        with self._lock:
+            self._check_open()
+            for fd, name in ((self._bin, "bin_tmp"), (self._len, "len_tmp")):
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise fileio.write_error(self.paths[name], exc) from exc
+
+    def _check_open(self) -> None:
+        if self._bin < 0:
+            raise ValueError(f"{self.paths['bin_tmp']}: writer already closed")
 
     def finish(self) -> None:
         """Write ``.idx.partial`` (header, lengths, pointers, document indices), fsync, and close."""
@@ -138,12 +149,11 @@ class IndexedWriter:
         return out
 
     def close(self) -> None:
-        for fd in (self._bin, self._len):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._bin = self._len = -1
+        with self._lock:
+            for fd in (self._bin, self._len):
+                if fd >= 0:
+                    os.close(fd)
+            self._bin = self._len = -1
 
 
 def commit(prefixes: list[str]) -> None:

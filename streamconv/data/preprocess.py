@@ -171,6 +171,7 @@ class _Pipeline:
         self.jpath = jpath
         self.counts = counts
         self.exhausted = False
+        self.aborted = False   # set on failure: tasks still running in pool threads then do nothing
         self.written = 0
         self.log_interval = log_interval
         self.stream = stream
@@ -180,7 +181,7 @@ class _Pipeline:
 
     def read(self, *_deps):
         with self._lock:
-            if self.exhausted:
+            if self.exhausted or self.aborted:
                 return None
             batch = next(self.batches, None)
             if batch is None:
@@ -188,10 +189,10 @@ class _Pipeline:
             return batch
 
     def encode(self, batch):
-        return None if batch is None else (batch, self.handler.encode(batch))
+        return None if batch is None or self.aborted else (batch, self.handler.encode(batch))
 
     def write(self, item, *_deps) -> None:
-        if item is None:
+        if item is None or self.aborted:
             return
         batch, enc = item
         enc: Encoded
@@ -262,6 +263,7 @@ def preprocess(opts: PreprocessOptions, *, stream=None) -> PreprocessResult:
     resumed = start[0]
 
     writers = {}
+    pipe = None
     try:
         for name, prefix in prefixes.items():
             writers[name] = indexed.IndexedWriter(prefix, resume_at=tuple(point["sizes"][name]) if point else None)
@@ -281,6 +283,8 @@ def preprocess(opts: PreprocessOptions, *, stream=None) -> PreprocessResult:
             w.finish()
     except (SourceError, ValidationError):
         # Bad input: the data must change before a rerun, so nothing here can be resumed.
+        if pipe is not None:
+            pipe.aborted = True
         for w in writers.values():
             w.close()
         for prefix in prefixes.values():
@@ -289,6 +293,8 @@ def preprocess(opts: PreprocessOptions, *, stream=None) -> PreprocessResult:
             os.remove(jpath)
         raise
     except BaseException:
+        if pipe is not None:
+            pipe.aborted = True
         for w in writers.values():  # killed, disk full, interrupted: keep the partial files to resume
             w.close()
         raise
