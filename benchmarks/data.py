@@ -6,7 +6,8 @@ both measured in the same run, as child processes under ``/usr/bin/time -v`` (wa
 
 A synthetic enwiki-like corpus (Zipf-distributed words, rows of ~3 kB, some non-ASCII) is written as parquet
 (row groups of 1000 rows, like the HF exports), and a 32k byte-level BPE with DeepSeek-V3's special tokens is
-trained on a sample of it.  Scenarios per size: streamconv with 1 and 2 workers, the baseline
+trained on a sample of it.  CPU seconds (user + system, of the child and its workers) are recorded too: on a
+shared machine they are the load-independent measure of work.  Scenarios per size: streamconv with 1 and 2 workers, the baseline
 (``benchmarks/data_naive.py``) with 1 worker (a loop) and 2 (a Pool).  Every output is checked byte-identical
 to the others.  Results: ``<work-dir>/data_results.json``; docs/performance.md quotes them.
 """
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -103,10 +105,15 @@ def run_case(kind: str, workers: int, corpus: str, tok: str, work: str) -> dict:
                "--workers", str(workers), "--log-interval", "0", "--append-eod"]
     else:
         cmd = [sys.executable, "-m", "benchmarks.data_naive", corpus, tok, prefix, str(workers)]
+    before, load = resource.getrusage(resource.RUSAGE_CHILDREN), os.getloadavg()[0]
     m = run_measured(cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # this child (and its Pool)
     result = {"kind": kind, "workers": workers, "seconds": m["seconds"], "peak_rss_bytes": m["peak_rss_bytes"],
+              "cpu_seconds": cpu, "load_average_before": load,
               "tokens": _tokens(prefix + "_text_document"), "sha256": _digest(prefix + "_text_document")}
     result["tokens_per_second"] = result["tokens"] / m["seconds"]
+    result["tokens_per_cpu_second"] = result["tokens"] / max(cpu, 1e-9)
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -134,7 +141,7 @@ def main(argv=None) -> int:
                                                  else None)
             rss = c["peak_rss_bytes"]
             print(f"{info['text_bytes'] / 1e6:6.0f} MB text  {c['kind']:10s} x{c['workers']}  {c['seconds']:6.1f} s  "
-                  f"{c['tokens_per_second'] / 1e6:5.2f} Mtok/s  peak RSS {rss / 2**20 if rss else float('nan'):6.0f} MiB  "
+                  f"{c['tokens_per_second'] / 1e6:5.2f} Mtok/s  cpu {c['cpu_seconds']:6.1f} s  peak RSS {rss / 2**20 if rss else float('nan'):6.0f} MiB  "
                   f"speed x{c['speed_vs_baseline_same_workers']:.2f} vs baseline", flush=True)
         results.append({"corpus": info, "identical_outputs": len(digests) == 1, "cases": cases})
         if len(digests) != 1:
