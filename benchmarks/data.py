@@ -1,15 +1,15 @@
 """Dataset conversion benchmark: ``streamconv data preprocess`` against MindSpeed-style whole-file processing,
 both measured in the same run, as child processes under ``/usr/bin/time -v`` (wall time, peak RSS).
 
-    python -m benchmarks.data                       # corpora of 50 MB and 200 MB of text (a few minutes here)
+    python -m benchmarks.data                       # corpora of 30 MB and 120 MB of text (~5 min on 2 cores)
     python -m benchmarks.data --sizes 20MB --smoke  # tiny: checks the harness, not the speed
 
 A synthetic enwiki-like corpus (Zipf-distributed words, rows of ~3 kB, some non-ASCII) is written as parquet
-(row groups of 1000 rows, like the HF exports), and a 32k byte-level BPE with DeepSeek-V3's special tokens is
+(row groups of 1000 rows), and a 32k byte-level BPE with DeepSeek-V3's special tokens is
 trained on a sample of it.  CPU seconds (user + system, of the child and its workers) are recorded too: on a
-shared machine they are the load-independent measure of work.  Scenarios per size: streamconv with 1 and 2 workers, the baseline
-(``benchmarks/data_naive.py``) with 1 worker (a loop) and 2 (a Pool).  Every output is checked byte-identical
-to the others.  Results: ``<work-dir>/data_results.json``; docs/performance.md quotes them.
+shared machine they are the load-independent measure of work.  Scenarios per size: streamconv with 1 and 2
+workers, the baseline (``benchmarks/data_naive.py``) with 1 worker (a loop) and 2 (a Pool).  Every output is
+checked byte-identical to the others.  Results: ``<work-dir>/data_results.json``; docs/performance.md quotes them.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def run_case(kind: str, workers: int, corpus: str, tok: str, work: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="50MB,200MB", help="text bytes of the corpora (comma-separated)")
+    ap.add_argument("--sizes", default="30MB,120MB", help="text bytes of the corpora (comma-separated)")
     ap.add_argument("--work-dir", default="bench-out/data")
     ap.add_argument("--smoke", action="store_true", help="tiny corpus and tokenizer: checks the harness only")
     args = ap.parse_args(argv)
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
                                                  else None)
             rss = c["peak_rss_bytes"]
             print(f"{info['text_bytes'] / 1e6:6.0f} MB text  {c['kind']:10s} x{c['workers']}  {c['seconds']:6.1f} s  "
-                  f"{c['tokens_per_second'] / 1e6:5.2f} Mtok/s  cpu {c['cpu_seconds']:6.1f} s  peak RSS {rss / 2**20 if rss else float('nan'):6.0f} MiB  "
+                  f"{c['tokens_per_second'] / 1e6:5.2f} Mtok/s  cpu {c['cpu_seconds']:6.1f} s  "
+                  f"peak RSS {rss / 2**20 if rss else float('nan'):6.0f} MiB  "
                   f"speed x{c['speed_vs_baseline_same_workers']:.2f} vs baseline", flush=True)
         results.append({"corpus": info, "identical_outputs": len(digests) == 1, "cases": cases})
         if len(digests) != 1:

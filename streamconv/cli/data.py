@@ -25,7 +25,7 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
-    p = dsub.add_parser("preprocess", help="tokenize parquet / JSON / JSONL into .bin/.idx (preprocess_data.py's flags)",
+    p = dsub.add_parser("preprocess", help="tokenize parquet / JSON / JSONL into .bin/.idx (preprocess_data flags)",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="a .parquet, .jsonl or .json file, or a directory of them")
     p.add_argument("--tokenizer-name-or-path", required=True, metavar="DIR",
@@ -33,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("--tokenizer-type", default="PretrainedFromHF", help="PretrainedFromHF (the only type)")
     p.add_argument("--handler-name", default=handlers.PRETRAIN, choices=handlers.HANDLERS)
     p.add_argument("--output-prefix", required=True, help="path prefix of the output datasets")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="text columns of the pretrain handler (default text)")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="text columns of the pretrain handler (default text)")
     p.add_argument("--append-eod", action="store_true", help="pretrain: append the eos id to every document")
     p.add_argument("--prompt-type", default=None, help="instruction template, e.g. deepseek3")
     p.add_argument("--map-keys", default=None, metavar="JSON",

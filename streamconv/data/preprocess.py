@@ -85,7 +85,7 @@ def make_handler(opts: PreprocessOptions):
     """Check the flags and load the tokenizer: every error here comes before anything is written."""
     if opts.tokenizer_type not in TOKENIZER_TYPES:
         raise ValidationError(f"--tokenizer-type {opts.tokenizer_type!r}: not supported (known: "
-                              f"{', '.join(TOKENIZER_TYPES)}). Use PretrainedFromHF with a local HF tokenizer directory.")
+                              f"{', '.join(TOKENIZER_TYPES)}). Use PretrainedFromHF with a local tokenizer directory.")
     if opts.handler_name not in HANDLERS:
         raise ValidationError(f"--handler-name {opts.handler_name!r}: unknown handler (known: {', '.join(HANDLERS)}).")
     if opts.workers < 1 or opts.batch_rows < 1 or opts.scheduler not in ("threads", "sync"):

@@ -24,7 +24,8 @@ def read_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def pretrain_docs(rows: list[dict], tok, *, key: str = "text", append_eod: bool = True, eod: int = 1) -> list[list[int]]:
+def pretrain_docs(rows: list[dict], tok, *, key: str = "text", append_eod: bool = True,
+                  eod: int = 1) -> list[list[int]]:
     """§9.3/9.6: the HF call (BOS through the post-processor), EOD appended, empty rows give no document."""
     docs = []
     for row in rows:

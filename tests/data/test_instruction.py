@@ -19,7 +19,8 @@ NAMES = ("input_ids", "attention_mask", "labels")
 def run(tmp_path, inp, tok_dir, name="sft", **kw):
     kw.setdefault("prompt_type", "deepseek3")
     kw.setdefault("log_interval", 0)
-    opts = PreprocessOptions(input=str(inp), tokenizer_name_or_path=tok_dir, output_prefix=str(tmp_path / name / "alpaca"),
+    opts = PreprocessOptions(input=str(inp), tokenizer_name_or_path=tok_dir,
+                             output_prefix=str(tmp_path / name / "alpaca"),
                              handler_name="AlpacaStyleInstructionHandler", **kw)
     result = preprocess(opts)
     return result, {n: str(tmp_path / name / f"alpaca_packed_{n}_document") for n in NAMES}
