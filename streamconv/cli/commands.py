@@ -122,6 +122,10 @@ def cmd_verify(args) -> int:
 
 def cmd_inspect(args) -> int:
     path = args.path
+    from ..data.inspect import dataset_prefixes, inspect_datasets
+    if not path.endswith(".json") and dataset_prefixes(path):  # a Megatron indexed dataset (.bin/.idx)
+        print(inspect_datasets(path))
+        return 0
     if os.path.isfile(path):
         print(report.plan_summary(Plan.load(path), tensors=args.tensors))
         return 0

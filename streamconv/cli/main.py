@@ -5,7 +5,8 @@
     streamconv run      plan.json                                          execute a saved plan
     streamconv convert  hf2mcore --load-dir HF --save-dir OUT ...          plan and run in one step
     streamconv verify   plan.json | MCORE_DIR [--rederive K]             checksums; tensors re-derived
-    streamconv inspect  plan.json | HF_DIR | MCORE_DIR                     tables of files, tensors, bytes
+    streamconv inspect  plan.json | HF_DIR | MCORE_DIR | DATASET_PREFIX    tables of files, tensors, bytes
+    streamconv data     preprocess --input X --output-prefix P ...         corpora -> Megatron .bin/.idx datasets
 
 Errors a user can cause print one line (what, where, the fix) and exit with status 2.
 """
@@ -21,7 +22,7 @@ from ..errors import StreamconvError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import commands, synth
+    from . import commands, data, synth
 
     parser = argparse.ArgumentParser(prog="streamconv", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     synth.register(sub)
     commands.register(sub)
+    data.register(sub)
     return parser
 
 

@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "storage": {"types", "errors"},
     "plan": {"types", "errors", "graph", "layout", "mapping", "models", "storage"},
     "synth": {"types", "errors", "storage"},
+    "data": {"types", "errors", "storage"},
     "cli": None,
     "__main__": {"cli"},
 }
