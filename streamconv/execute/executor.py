@@ -4,7 +4,8 @@ The plan's output tensors are cut into *pieces* (bands of rows no bigger than ``
 pushed down the graph by :func:`streamconv.graph.narrow`, so a band reads only its rows).  The Dask graph is
 raw (a dict of tasks, as dask's spec describes), keyed by content:
 
-    ("node", key)        one graph node (read, slice, cat, dequant...); shared sub-graphs run once
+    ("node", key, w)     one graph node (read, slice, cat, dequant...) made in wave w; shared sub-graphs run
+                         once per pair of waves (see :func:`schedule`)
     ("create", f)        make output file f under its temporary name, at its final size
     ("write", f, i, b)   materialise piece b of tensor i of file f and pwrite it at its fixed offset
     ("wave", w)          barrier: every write of wave w is done
@@ -31,7 +32,7 @@ import dask
 from dask.callbacks import Callback
 
 from ..errors import ExecutionError, PlanError, ValidationError
-from ..graph.node import Node, Op, toposort
+from ..graph.node import Node, Op
 from ..graph.rewrite import narrow
 from ..plan.plan import OutputFile, Plan
 from ..plan.sources import header_digest
@@ -141,26 +142,67 @@ def plan_pieces(plan: Plan, band_bytes: int) -> list[Piece]:
     return pieces
 
 
-def assign_waves(pieces: list[Piece], wave_bytes: int) -> tuple[list[int], dict[str, int]]:
-    """Wave number of each piece, and the wave in which each read node is first needed.
+@dataclass(frozen=True)
+class Scheduled:
+    """A piece placed in a wave, with the node tasks it adds: ``(task key, node, source task keys)``."""
 
-    A piece costs its own bytes plus every materialised node it is the first to need."""
-    waves = []
-    first_read_wave: dict[str, int] = {}
-    seen: set[str] = set()
+    piece: Piece
+    wave: int
+    tasks: tuple[tuple[tuple, Node, tuple], ...]
+    value: tuple        # task key of the piece's value
+
+
+def schedule(pieces: list[Piece], wave_bytes: int) -> list[Scheduled]:
+    """Place pieces, in order, into waves of about ``wave_bytes``, and name the node tasks each one needs.
+
+    A node value is shared by the pieces of its own wave and of the next one.  A piece that needs a value
+    made two or more waves earlier gets a fresh instance, task key ``("node", key, wave)``, recomputed from
+    the sources: otherwise that one late use would pin the old value (the lm_head that DeepSeek stores again
+    as the MTP ``shared_head.head``, a stack of experts written one expert at a time) for the waves in
+    between, and memory would grow with the model.  A piece costs its own bytes plus every node it makes."""
+    made: dict[str, int] = {}   # node key -> wave of its live instance
+    out = []
     wave, used = 0, 0
     for p in pieces:
-        new = [n for n in toposort([p.node]) if n.key not in seen]
-        cost = p.node.nbytes + sum(n.nbytes for n in new if n.op not in (Op.SLICE, Op.TRANSPOSE))
+        todo = _to_make(p.node, made, wave)
+        cost = _cost(p, todo)
         if used and used + cost > wave_bytes:
             wave, used = wave + 1, 0
+            todo = _to_make(p.node, made, wave)
+            cost = _cost(p, todo)
         used += cost
-        waves.append(wave)
-        for n in new:
-            seen.add(n.key)
-            if n.op is Op.READ:
-                first_read_wave[n.key] = wave
-    return waves, first_read_wave
+        tasks = []
+        for n in todo:
+            made[n.key] = wave
+            tasks.append((("node", n.key, wave), n, tuple(("node", s.key, made[s.key]) for s in n.src)))
+        out.append(Scheduled(p, wave, tuple(tasks), ("node", p.node.key, made[p.node.key])))
+    return out
+
+
+def _cost(p: Piece, todo: list[Node]) -> int:
+    return p.node.nbytes + sum(n.nbytes for n in todo if n.op not in (Op.SLICE, Op.TRANSPOSE))
+
+
+def _to_make(root: Node, made: dict[str, int], wave: int) -> list[Node]:
+    """Nodes of ``root``'s graph without a live instance (none, or one made before ``wave - 1``), sources
+    first; a live node's sources are not visited (its value exists)."""
+    order: list[Node] = []
+    seen: set[str] = set()
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node.key in seen:
+            continue
+        if expanded:
+            seen.add(node.key)
+            order.append(node)
+            continue
+        if made.get(node.key, -2) >= wave - 1:
+            seen.add(node.key)
+            continue
+        stack.append((node, True))
+        stack.extend((s, False) for s in reversed(node.src) if s.key not in seen)
+    return order
 
 
 # --- task functions (module level: picklable for dask.distributed) -------------------------------------------------
@@ -214,7 +256,7 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
     dsk: dict = {}
     pieces = [p for p in plan_pieces(plan, min(opts.band_bytes, max(opts.max_memory // 8, 1)))
               if plan.files[p.file].path not in skip]
-    waves, first_read_wave = assign_waves(pieces, max(opts.max_memory // 3, 1))
+    scheduled = schedule(pieces, max(opts.max_memory // 3, 1)) if not fused else None
     layouts = {}
     for fi, f in enumerate(plan.files):
         if f.format == "text" or f.path in skip:
@@ -228,30 +270,24 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
     write_bytes: dict[tuple, int] = {}
     by_file: dict[int, list] = {fi: [] for fi in layouts}
     by_wave: dict[int, list] = {}
-    for p, w in zip(pieces, waves):
+    for i, p in enumerate(pieces):
         f = plan.files[p.file]
         wkey = ("write", p.file, p.index, p.band)
         write_bytes[wkey] = p.node.nbytes
         by_file[p.file].append(wkey)
-        by_wave.setdefault(w, []).append(wkey)
         if fused:
             dsk[wkey] = (_compute_and_write, f.format, _target(plan, f), layouts[p.file], p.index, p.offset,
                          root, p.node, ("create", p.file))
             continue
-        for n in toposort([p.node]):
-            key = ("node", n.key)
-            if key in dsk:
-                continue
-            if n.op is Op.READ:
-                rw = first_read_wave[n.key]
-                if rw >= 2:
-                    dsk[key] = (_read_after, root, n.arg, ("wave", rw - 2))
-                else:
-                    dsk[key] = (run_node, root, n.op, n.arg)
+        s = scheduled[i]
+        by_wave.setdefault(s.wave, []).append(wkey)
+        for key, n, srcs in s.tasks:
+            if n.op is Op.READ and s.wave >= 2:
+                dsk[key] = (_read_after, root, n.arg, ("wave", s.wave - 2))
             else:
-                dsk[key] = (run_node, root, n.op, n.arg) + tuple(("node", s.key) for s in n.src)
-        dsk[wkey] = (_write, f.format, _target(plan, f), layouts[p.file], p.index, p.offset,
-                     ("node", p.node.key), ("create", p.file))
+                dsk[key] = (run_node, root, n.op, n.arg) + srcs
+        dsk[wkey] = (_write, f.format, _target(plan, f), layouts[p.file], p.index, p.offset, s.value,
+                     ("create", p.file))
     if not fused:
         # Barriers are cumulative (wave w also waits for barrier w-1): "reads of wave w wait for barrier
         # w-2" must mean every earlier write is done, or one late write can pin old values indefinitely.
