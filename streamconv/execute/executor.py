@@ -33,7 +33,7 @@ from dask.callbacks import Callback
 
 from ..errors import ExecutionError, PlanError, ValidationError
 from ..graph.node import Node, Op
-from ..graph.rewrite import narrow
+from ..graph.rewrite import narrow, push_slices
 from ..plan.plan import OutputFile, Plan
 from ..plan.sources import header_digest
 from ..storage import fileio
@@ -124,9 +124,10 @@ def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None)
 def plan_pieces(plan: Plan, band_bytes: int) -> list[Piece]:
     """Cut every output tensor into row bands of at most ``band_bytes``, in the plan's write order."""
     pieces = []
+    memo: dict = {}
     for fi, f in enumerate(plan.files):
         for ti, t in enumerate(f.tensors):
-            node = t.node
+            node = push_slices(t.node, memo)
             rows = node.shape[0] if node.shape else 1
             row_bytes = node.nbytes // rows if rows else 0
             if not node.shape or rows <= 1 or node.nbytes <= band_bytes:
@@ -157,8 +158,8 @@ def schedule(pieces: list[Piece], wave_bytes: int) -> list[Scheduled]:
 
     A node value is shared by the pieces of its own wave and of the next one.  A piece that needs a value
     made two or more waves earlier gets a fresh instance, task key ``("node", key, wave)``, recomputed from
-    the sources: otherwise that one late use would pin the old value (the lm_head that DeepSeek stores again
-    as the MTP ``shared_head.head``, a stack of experts written one expert at a time) for the waves in
+    the sources: otherwise that one late use would pin the old value (an output written twice under two
+    names far apart in the write order, a stack of experts written one expert at a time) for the waves in
     between, and memory would grow with the model.  A piece costs its own bytes plus every node it makes."""
     made: dict[str, int] = {}   # node key -> wave of its live instance
     out = []

@@ -26,9 +26,8 @@ from __future__ import annotations
 import math
 
 from .. import types
-
 from .node import (BlockScaleArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg, TransposeArg, ViewArg,
-                   cast, cat, dequant_fp8_block, fp8_block_scale, narrow_dim, quant_fp8_block, read, slice_,
+                   cast, cat, dequant_fp8_block, fp8_block_scale, make, narrow_dim, quant_fp8_block, read, slice_,
                    transpose, view)
 
 
@@ -158,3 +157,28 @@ _RULES = {
     Op.QUANT_FP8_BLOCK: _quant,
     Op.FP8_BLOCK_SCALE: _block_scale,
 }
+
+
+def push_slices(x: Node, memo: dict[str, Node] | None = None) -> Node:
+    """``x`` with every slice pushed as far towards the reads as :func:`narrow` can take it (same values).
+
+    A tensor small enough to be written in one piece is never narrowed, but its graph may still slice a big
+    value (an expert of a grouped-GEMM stack, a TP share of a weight): pushed down, the slice becomes a read
+    of those bytes instead of a read of the whole stack.  ``memo`` (content key -> result) keeps shared
+    sub-graphs shared across calls."""
+    memo = {} if memo is None else memo
+    done = memo.get(x.key)
+    if done is not None:
+        return done
+    if x.op is Op.SLICE:
+        a: SliceArg = x.arg
+        out = push_slices(x.src[0], memo)
+        for d, (o, n) in enumerate(zip(a.offsets, a.lengths)):
+            out = narrow(out, d, o, o + n)
+    elif x.src:
+        srcs = tuple(push_slices(s, memo) for s in x.src)
+        out = x if all(s is t for s, t in zip(srcs, x.src)) else make(x.op, srcs, x.arg)
+    else:
+        out = x
+    memo[x.key] = out
+    return out

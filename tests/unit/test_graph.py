@@ -615,3 +615,22 @@ def test_narrow_empty_range(ckpt, name, dim):
         assert out.shape[dim] == 0 and out.dtype == node.dtype
         got = materialize(out, root)
         assert tuple(got.shape) == out.shape
+
+
+def test_push_slices_reads_only_the_sliced_bytes(ckpt, full):
+    """A slice of a view of a read (an expert of a grouped stack) becomes a read of that expert's bytes, with
+    the same values; sub-graphs shared by two slices stay shared."""
+    from streamconv.graph.rewrite import push_slices
+
+    root, _, nodes = ckpt
+    w = nodes["bf"]
+    rows, cols = w.shape
+    stacked = view(w, (rows * cols // 6, 6))
+    piece = transpose(slice_(stacked, (6, 0), (5, 6)))
+    pushed = push_slices(piece)
+    reads = [n for n in toposort([pushed]) if n.op is Op.READ]
+    assert len(reads) == 1 and reads[0].nbytes == 5 * 6 * 2
+    assert_same(materialize(pushed, root), materialize(piece, root))
+    memo = {}
+    a, b = push_slices(cat([piece, piece], 0), memo), push_slices(piece, memo)
+    assert a.src[0] is b
