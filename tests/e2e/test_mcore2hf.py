@@ -305,3 +305,21 @@ def test_cli_uses_the_record_and_verifies(tiny_hf, tmp_path, capsys):
     assert main(["plan", "mcore2hf", "--load-dir", mcore, "--save-dir", out + "2", "--source-tensor-parallel-size",
                  "1", "-o", plan]) == 2
     assert "--source-tensor" in capsys.readouterr().err
+
+
+def test_release_iteration_and_explicit_iteration(tiny_hf, tmp_path):
+    """A tracker saying `release` reads release/; --iteration picks another saved iteration."""
+    layout = dict(tp=2, moe_grouped_gemm=True)
+    mcore = to_mcore(tiny_hf["bf16"], str(tmp_path / "mcore"), **layout)
+    os.rename(os.path.join(mcore, "iter_0000001"), os.path.join(mcore, "release"))
+    with open(os.path.join(mcore, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("release")
+    plan = plan_mcore_to_hf(mcore, str(tmp_path / "o"), ParallelSizes(2, 1, 1), McoreOptions(moe_grouped_gemm=True))
+    assert all(s.name.startswith("release/") for s in plan.source_files)
+    shutil.copytree(os.path.join(mcore, "release"), os.path.join(mcore, "iter_0000500"))
+    plan = plan_mcore_to_hf(mcore, str(tmp_path / "o"), ParallelSizes(2, 1, 1), McoreOptions(moe_grouped_gemm=True),
+                            iteration="500")
+    assert all(s.name.startswith("iter_0000500/") for s in plan.source_files)
+    run_plan(plan, RUN)
+    want, got = load_dir(tiny_hf["bf16"]), load_dir(str(tmp_path / "o"))
+    assert all(digest(got[k]) == digest(want[k]) for k in got)
