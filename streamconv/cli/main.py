@@ -2,9 +2,10 @@
 
     streamconv synth    --save-dir DIR [--preset tiny] [--fp8]           make a DeepSeek-V3-shaped HF checkpoint
     streamconv plan     hf2mcore --load-dir HF --save-dir OUT -o plan.json  compile a plan (headers only)
+    streamconv plan     mcore2hf --load-dir MCORE --save-dir HF -o plan.json  ... and the way back
     streamconv run      plan.json                                          execute a saved plan
-    streamconv convert  hf2mcore --load-dir HF --save-dir OUT ...          plan and run in one step
-    streamconv verify   plan.json | MCORE_DIR [--rederive K]             checksums; tensors re-derived
+    streamconv convert  hf2mcore|mcore2hf --load-dir A --save-dir B ...    plan and run in one step
+    streamconv verify   plan.json | SAVE_DIR [--rederive K]              checksums; tensors re-derived
     streamconv inspect  plan.json | HF_DIR | MCORE_DIR | DATASET_PREFIX    tables of files, tensors, bytes
     streamconv data     preprocess --input X --output-prefix P ...         corpora -> Megatron .bin/.idx datasets
 
