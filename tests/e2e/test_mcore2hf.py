@@ -146,6 +146,9 @@ def test_fp8_export_with_fresh_scales_matches_the_eager_recipe(tiny_hf, tmp_path
     assert "model.layers.1.mlp.gate.weight_scale_inv" not in got
     assert "model.layers.4.eh_proj.weight_scale_inv" not in got
     assert "model.layers.1.self_attn.q_a_proj.weight_scale_inv" in got
+    cfg = json.load(open(os.path.join(out, "config.json")))  # a bf16 origin gets the release's block config
+    assert cfg["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                          "weight_block_size": [128, 128]}
 
 
 def test_output_files_index_and_config(tiny_hf, tmp_path):
