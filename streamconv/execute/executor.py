@@ -32,7 +32,7 @@ import dask
 from dask.callbacks import Callback
 
 from ..errors import ExecutionError, PlanError, ValidationError
-from ..graph.node import Node, Op
+from ..graph.node import Node, Op, toposort
 from ..graph.rewrite import narrow, push_slices
 from ..plan.plan import OutputFile, Plan
 from ..plan.sources import header_digest
@@ -187,23 +187,7 @@ def _cost(p: Piece, todo: list[Node]) -> int:
 def _to_make(root: Node, made: dict[str, int], wave: int) -> list[Node]:
     """Nodes of ``root``'s graph without a live instance (none, or one made before ``wave - 1``), sources
     first; a live node's sources are not visited (its value exists)."""
-    order: list[Node] = []
-    seen: set[str] = set()
-    stack = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if node.key in seen:
-            continue
-        if expanded:
-            seen.add(node.key)
-            order.append(node)
-            continue
-        if made.get(node.key, -2) >= wave - 1:
-            seen.add(node.key)
-            continue
-        stack.append((node, True))
-        stack.extend((s, False) for s in reversed(node.src) if s.key not in seen)
-    return order
+    return toposort([root], skip=lambda n: made.get(n.key, -2) >= wave - 1)
 
 
 # --- task functions (module level: picklable for dask.distributed) -------------------------------------------------

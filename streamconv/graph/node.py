@@ -423,8 +423,10 @@ def quant_fp8_block(x: Node, scale: Node, *, block: tuple[int, int] = (128, 128)
     return make(Op.QUANT_FP8_BLOCK, (x, scale), QuantArg(tuple(block), tuple(origin), dtype))
 
 
-def toposort(roots) -> list[Node]:
-    """Every node reachable from ``roots``, sources before users, each once (iterative; graphs can be deep)."""
+def toposort(roots, *, skip: Callable[[Node], bool] | None = None) -> list[Node]:
+    """Every node reachable from ``roots``, sources before users, each once (iterative; graphs can be deep).
+
+    ``skip(node)`` true: leave that node out and do not visit its sources (a value that already exists)."""
     seen: set[str] = set()
     order: list[Node] = []
     for root in roots:
@@ -436,6 +438,9 @@ def toposort(roots) -> list[Node]:
             if expanded:
                 seen.add(node.key)
                 order.append(node)
+                continue
+            if skip is not None and skip(node):
+                seen.add(node.key)
                 continue
             stack.append((node, True))
             for s in reversed(node.src):
