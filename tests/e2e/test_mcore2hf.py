@@ -69,6 +69,26 @@ CASES = [
 ]
 
 
+MATRIX = [dict(tp=tp, pp=pp, ep=ep, moe_grouped_gemm=gg, mtp_num_layers=mtp)
+          for tp in (1, 2, 4) for pp in (1, 2) for ep in (1, 2, 4) for gg in (False, True) for mtp in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MATRIX, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in MATRIX])
+def test_round_trip_matrix(tiny_hf, tmp_path, case):
+    """The full TP x PP x EP x GEMM x MTP matrix, from the FP8 source: back to its exact dequantization."""
+    src = tiny_hf["fp8"]
+    out = to_hf(to_mcore(src, str(tmp_path / "mcore"), **case), str(tmp_path / "hf"), **case)
+    raw, got = load_dir(src), load_dir(out)
+    want = {k: (dequant_fp8_block(v, raw[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v)
+            for k, v in raw.items() if not k.endswith("_scale_inv")}
+    if not case["mtp_num_layers"]:
+        want = {k: v for k, v in want.items() if not k.startswith("model.layers.4.")}
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert digest(got[name]) == digest(t), name
+
+
 @pytest.mark.parametrize("case", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
 def test_bf16_round_trip_is_identity(tiny_hf, tmp_path, case):
     """HF(bf16) -> mcore -> HF gives back every tensor, byte for byte, and the same index of names."""
@@ -195,19 +215,24 @@ def _flip_byte(path, offset):
         f.write(bytes([b[0] ^ 0x40]))
 
 
-def test_corrupted_replica_is_reported_before_writing(tiny_hf, tmp_path):
+@pytest.mark.parametrize("tp, ep, victim, first, key", [
+    (2, 2, "mp_rank_01_001", "mp_rank_00_000", "decoder.layers.2.input_layernorm.weight"),   # TP and EP copy
+    (2, 1, "mp_rank_01", "mp_rank_00", "decoder.layers.1.mlp.router.weight"),                 # a TP copy
+    (1, 2, "mp_rank_00_001", "mp_rank_00_000", "decoder.layers.3.self_attention.linear_proj.weight"),  # EP copy
+])
+def test_corrupted_replica_is_reported_before_writing(tiny_hf, tmp_path, tp, ep, victim, first, key):
     from streamconv.storage.torchzip_reader import read_pt, tensors
 
-    layout = dict(tp=2, ep=2, moe_grouped_gemm=True)
+    layout = dict(tp=tp, ep=ep, moe_grouped_gemm=True)
     mcore = to_mcore(tiny_hf["bf16"], str(tmp_path / "mcore"), **layout)
-    victim = os.path.join(mcore, "iter_0000001", "mp_rank_01_001", "model_optim_rng.pt")
-    ref = tensors(read_pt(victim).obj)[("model", "decoder.layers.2.input_layernorm.weight")]
-    _flip_byte(victim, ref.start + 10)
+    victim_path = os.path.join(mcore, "iter_0000001", victim, "model_optim_rng.pt")
+    ref = tensors(read_pt(victim_path).obj)[("model", key)]
+    _flip_byte(victim_path, ref.start + ref.nbytes - 3)
     out = str(tmp_path / "hf")
     with pytest.raises(ValidationError) as e:
         to_hf(mcore, out, **layout)
     msg = str(e.value)
-    assert "decoder.layers.2.input_layernorm.weight" in msg and "mp_rank_01_001" in msg and "mp_rank_00_000" in msg
+    assert key in msg and f"{victim}/" in msg and f"{first}/" in msg
     assert not os.path.exists(out) or not os.listdir(out)
     # with the check off, the first copy is taken and the conversion goes through
     to_hf(mcore, out, export=ExportOptions(verify_replicas=False), **layout)
