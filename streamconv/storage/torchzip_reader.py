@@ -74,6 +74,23 @@ class _Namespace(dict):
         self.update(state if isinstance(state, dict) else {})
 
 
+class _Opaque:
+    """Stand-in for an object a checkpoint may hold but a converter never needs (a BytesIO of extra state):
+    it keeps its arguments and state as data and runs nothing."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _latin1(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding != "latin1":
+        raise FormatError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not how a pickle spells bytes.")
+    return text.encode("latin1")
+
+
 def _dtype_marker(name):
     return _Storage(name)
 
@@ -105,6 +122,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return {"dict": dict, "list": list}[name]
         if module == "argparse" and name == "Namespace":
             return _Namespace
+        if module == "_io" and name == "BytesIO":  # Transformer Engine's ``*._extra_state`` entries
+            return _Opaque
+        if module == "_codecs" and name == "encode":  # how protocol 2 spells a bytes object
+            return _latin1
         raise FormatError(f"{self.path}: data.pkl references {module}.{name}, which a checkpoint has no reason to "
                           f"contain; refusing to load it (unpickling it could run code).")
 

@@ -62,6 +62,26 @@ def test_torch_save_files_with_mindspeed_containers(tmp_path, protocol):
     assert pt.obj["args"]["tensor_model_parallel_size"] == 2
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_extra_state_entries_are_kept_as_data(tmp_path, protocol):
+    """Megatron-Core with Transformer Engine saves ``*._extra_state`` as io.BytesIO (protocol 2 spells its bytes
+    with _codecs.encode): read as inert data, the tensors next to them as usual."""
+    w = torch.randn(3, 4).to(torch.bfloat16)
+    obj = {"model": collections.OrderedDict([("layer.linear._extra_state", io.BytesIO(b"\x00te\xff")),
+                                             ("layer.linear.weight", w), ("none._extra_state", None)])}
+    path = str(tmp_path / "te.pt")
+    torch.save(obj, path, pickle_protocol=protocol)
+    pt = _check_roundtrip(path, {("model", "layer.linear.weight"): w})
+    assert set(tensors(pt.obj)) == {("model", "layer.linear.weight")}
+
+
+def test_codecs_encode_only_spells_bytes(tmp_path):
+    payload = b"\x80\x02}q\x00X\x01\x00\x00\x00xc_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00utf-7\x86R" \
+              b"s."
+    with pytest.raises(FormatError, match="not how a pickle spells bytes"):
+        read_pt(_with_pickle(tmp_path, payload))
+
+
 def test_our_streaming_files(tmp_path):
     sd = {k: v.contiguous() for k, v in _sample().items()}
     path = str(tmp_path / "ours.pt")
