@@ -8,8 +8,11 @@ of globals a checkpoint needs, each mapped to a harmless stand-in of ours:
 - ``torch.<X>Storage``, ``torch.storage.UntypedStorage``, ``torch.<dtype>``  -> dtype markers
 - ``collections.OrderedDict``, ``collections.defaultdict`` (MindSpeed's own converter writes these),
   ``builtins.dict``/``list`` as defaultdict factories, ``argparse.Namespace`` (R-v2 ``args``) -> plain data
+- what else a training checkpoint holds (numpy rng state, enums and paths in ``args``, Transformer Engine's
+  ``_extra_state``): ``_INERT`` / ``_INERT_PACKAGES`` -> inert placeholders that keep their arguments as data
 
-Anything else is refused with a :class:`FormatError` naming the global.  Tensor bytes are read lazily, by
+Anything else (``os``, ``subprocess``, ``builtins.eval``...) is refused with a :class:`FormatError` naming the
+global.  Tensor bytes are read lazily, by
 positional reads of the record's exact range.
 """
 
@@ -74,6 +77,18 @@ class _Namespace(dict):
         self.update(state if isinstance(state, dict) else {})
 
 
+# Globals a training checkpoint holds besides the weights (rng_state: numpy arrays; args: enums, paths,
+# partials, torch.device; Transformer Engine's BytesIO extra state) become inert :class:`_Opaque` data: the
+# real class or function is never returned, so calling or building it runs nothing of theirs.  Everything
+# else (os, subprocess, builtins.eval, ...) is refused outright: a checkpoint has no reason to name it.
+_INERT_PACKAGES = frozenset({"numpy", "torch", "megatron", "mindspeed", "mindspeed_llm", "modellink",
+                             "transformer_engine", "apex", "enum", "pathlib", "datetime"})
+_INERT = frozenset({("_io", "BytesIO"), ("functools", "partial"), ("copyreg", "_reconstructor"),
+                    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "tuple"), ("builtins", "object"),
+                    ("builtins", "bytearray"), ("builtins", "complex"), ("builtins", "slice"),
+                    ("builtins", "range"), ("types", "SimpleNamespace")})
+
+
 class _Opaque:
     """Stand-in for an object a checkpoint may hold but a converter never needs (a BytesIO of extra state):
     it keeps its arguments and state as data and runs nothing."""
@@ -122,10 +137,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return {"dict": dict, "list": list}[name]
         if module == "argparse" and name == "Namespace":
             return _Namespace
-        if module == "_io" and name == "BytesIO":  # Transformer Engine's ``*._extra_state`` entries
-            return _Opaque
         if module == "_codecs" and name == "encode":  # how protocol 2 spells a bytes object
             return _latin1
+        if (module, name) in _INERT or module.split(".")[0] in _INERT_PACKAGES:
+            return _Opaque
         raise FormatError(f"{self.path}: data.pkl references {module}.{name}, which a checkpoint has no reason to "
                           f"contain; refusing to load it (unpickling it could run code).")
 

@@ -238,20 +238,33 @@ def test_corrupted_replica_is_reported_before_writing(tiny_hf, tmp_path, tp, ep,
     to_hf(mcore, out, export=ExportOptions(verify_replicas=False), **layout)
 
 
-def test_mindspeed_style_files_are_read_without_running_code(tiny_hf, tmp_path):
-    """Rank files written by torch.save with protocol 4 and defaultdict containers, as MindSpeed's converter
-    writes them (weights_only loading refuses them), convert like ours."""
+def test_mindspeed_style_and_trained_files_are_read_without_running_code(tiny_hf, tmp_path):
+    """Rank files as MindSpeed's converter writes them (torch.save, protocol 4, defaultdict containers, which
+    weights_only loading refuses), then as training saves them (iteration 1000, args, numpy rng state,
+    optimizer tensors next to the model) convert like ours."""
+    import argparse
     import collections
+    import random
+
+    import numpy as np
 
     layout = dict(tp=2, pp=2, moe_grouped_gemm=True, mtp_num_layers=1)
     mcore = to_mcore(tiny_hf["bf16"], str(tmp_path / "mcore"), **layout)
-    for path in glob.glob(os.path.join(mcore, "iter_0000001", "*", "model_optim_rng.pt")):
+    os.rename(os.path.join(mcore, "iter_0000001"), os.path.join(mcore, "iter_0001000"))
+    with open(os.path.join(mcore, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("1000")
+    for i, path in enumerate(glob.glob(os.path.join(mcore, "iter_0001000", "*", "model_optim_rng.pt"))):
         obj = torch.load(path, weights_only=True)
         model = collections.defaultdict(dict)
         for k, v in obj["model"].items():
             model[k] = v.clone()
-        redone = collections.defaultdict(dict, {"model": model, "checkpoint_version": 3.0, "iteration": 1})
-        torch.save(redone, path, pickle_protocol=4)
+        redone = collections.defaultdict(dict, {"model": model, "checkpoint_version": 3.0, "iteration": 1000})
+        if i % 2:  # as training saves it
+            redone["args"] = argparse.Namespace(tensor_model_parallel_size=2, params_dtype=torch.bfloat16)
+            redone["rng_state"] = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                                    "torch_rng_state": torch.get_rng_state()}]
+            redone["optimizer"] = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]}
+        torch.save(redone, path, pickle_protocol=4 if i % 2 == 0 else 2)
     os.remove(os.path.join(mcore, ".streamconv_journal.jsonl"))
     out = to_hf(mcore, str(tmp_path / "hf"), **layout)
     want, got = load_dir(tiny_hf["bf16"]), load_dir(out)

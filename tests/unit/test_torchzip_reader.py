@@ -75,6 +75,37 @@ def test_extra_state_entries_are_kept_as_data(tmp_path, protocol):
     assert set(tensors(pt.obj)) == {("model", "layer.linear.weight")}
 
 
+def test_training_checkpoint_extras_are_inert_data(tmp_path):
+    """A checkpoint saved by training holds rng states (numpy arrays), args with enums, paths, partials and
+    devices: all read as inert data without importing or calling anything of theirs."""
+    import functools
+    import pathlib
+    import random
+
+    import numpy as np
+
+    w = torch.randn(4, 2).to(torch.bfloat16)
+    np_state = np.random.get_state()
+    obj = {"model": collections.OrderedDict(w=w), "iteration": 100, "checkpoint_version": 3.0,
+           "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np_state,
+                          "torch_rng_state": torch.get_rng_state()}],
+           "args": argparse.Namespace(save=pathlib.PosixPath("/ckpt"), params_dtype=torch.bfloat16,
+                                      init=functools.partial(torch.nn.init.normal_, std=0.02),
+                                      device=torch.device("cpu"), kinds={1, 2}),
+           "opt_param_scheduler": {"num_steps": 100}}
+    try:  # Megatron's args hold its enums (megatron-core is in the test extra)
+        from megatron.core.transformer.enums import AttnMaskType
+        obj["args"].attn_mask_type = AttnMaskType.causal
+    except ImportError:
+        pass
+    for protocol in (2, 4):
+        path = str(tmp_path / f"train{protocol}.pt")
+        torch.save(obj, path, pickle_protocol=protocol)
+        pt = _check_roundtrip(path, {("model", "w"): w})
+        assert pt.obj["iteration"] == 100 and pt.obj["opt_param_scheduler"] == {"num_steps": 100}
+        assert ("model", "w") in tensors(pt.obj)
+
+
 def test_codecs_encode_only_spells_bytes(tmp_path):
     payload = b"\x80\x02}q\x00X\x01\x00\x00\x00xc_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00utf-7\x86R" \
               b"s."
