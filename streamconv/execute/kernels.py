@@ -58,8 +58,8 @@ def _dequant(a: DequantArg, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return dequant_fp8_block(w, s, block=a.block, origin=a.origin, dtype=types.dtype(a.dtype).torch)
 
 
-def _block_scale(a: BlockScaleArg, x: torch.Tensor) -> torch.Tensor:
-    return quant.fp8_block_scale(x, block=a.block, dtype=types.dtype(a.dtype).torch)
+def _block_scale(a: BlockScaleArg, x: torch.Tensor, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    return quant.fp8_block_scale(x, block=a.block, dtype=types.dtype(a.dtype).torch, prefer=prefer)
 
 
 def _quant(a: QuantArg, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

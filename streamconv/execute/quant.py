@@ -32,6 +32,8 @@ import torch
 from ..errors import GraphError
 
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+# Midpoints between the largest finite value and the next step: quotients below them round to at most FP8_MAX.
+KEEP_LIMIT = {torch.float8_e4m3fn: 464.0, torch.float8_e5m2: 61440.0}
 
 # Elements per torch call: bounds the float32 temporaries (4 MiB) while keeping each call long enough that
 # the per-call overhead stays small next to the arithmetic.
@@ -60,7 +62,7 @@ def _row_bands(lo: int, hi: int, cols: int):
 
 
 def fp8_block_scale(x: torch.Tensor, *, block: tuple[int, int] = (128, 128),
-                    dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float8_e4m3fn, prefer: torch.Tensor | None = None) -> torch.Tensor:
     """Per-block ``scale_inv`` (float32, ``[ceil(R/br), ceil(C/bc)]``) of a 2-D floating tensor ``x``.
 
     ``scale_inv[i, j] = amax(|x|) / fp8_max`` over block (i, j); edge blocks cover only the rows and columns
@@ -84,7 +86,16 @@ def fp8_block_scale(x: torch.Tensor, *, block: tuple[int, int] = (128, 128),
             colmax = m if colmax is None else torch.maximum(colmax, m)
         colmax = torch.nn.functional.pad(colmax.to(torch.float32), (0, pad))
         out[i] = colmax.view(nc, bc).amax(dim=1)
-    return out.div_(fmax)
+    fresh = out / fmax
+    if prefer is None:
+        return fresh
+    if tuple(prefer.shape) != (nr, nc) or prefer.dtype != torch.float32:
+        raise ValueError(f"fp8_block_scale: preferred scales {prefer.dtype}{list(prefer.shape)}, expected "
+                         f"float32{[nr, nc]}")
+    # Keep the preferred scale while quantizing with it rounds into range (amax < limit * prefer; an all-zero
+    # block keeps a zero scale); a NaN on either side compares false and takes the fresh scale.
+    keep = (out < KEEP_LIMIT[dtype] * prefer) | ((out == 0) & (prefer == 0))
+    return torch.where(keep, prefer, fresh)
 
 
 def quant_fp8_block(x: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int] = (128, 128),

@@ -99,6 +99,12 @@ class BlockScaleArg:
     ``block`` = (br, bc); ``dtype`` is the fp8 format the scales are for (``fp8_max`` = 448 for float8_e4m3fn,
     57344 for float8_e5m2: the release recipe ``s = amax / 448``).  Blocks are counted from the data's element
     [0, 0]; edge blocks cover what exists.  An all-zero block has scale 0, which quantization maps to +0.
+
+    With a second source ``prefer`` (float32, the output's shape; scales the values had before): a block keeps
+    its ``prefer`` scale while its values still fit it, ``amax < keep_limit * prefer`` (quantizing with it
+    rounds into range: ``keep_limit`` is 464 for float8_e4m3fn, 61440 for float8_e5m2, the midpoints above
+    the largest finite values), and gets the fresh scale otherwise.  Unchanged weights keep their original
+    scales exactly; weights that grew are never clipped.
     """
 
     block: tuple[int, int]
@@ -293,7 +299,9 @@ QUANT_INPUTS = ("bfloat16", "float16", "float32")
 
 
 def _rule_block_scale(src, a: BlockScaleArg):
-    (x,) = _arity(Op.FP8_BLOCK_SCALE, src, 1, a)
+    if len(src) not in (1, 2):
+        raise _fail(Op.FP8_BLOCK_SCALE, f"takes 1 or 2 source(s), got {len(src)}", src, a)
+    x = src[0]
     if x.dtype not in QUANT_INPUTS or len(x.shape) != 2:
         raise _fail(Op.FP8_BLOCK_SCALE, f"data must be a 2-D {'/'.join(QUANT_INPUTS)} tensor", src, a)
     br, bc = a.block
@@ -301,7 +309,10 @@ def _rule_block_scale(src, a: BlockScaleArg):
         raise _fail(Op.FP8_BLOCK_SCALE, "block sizes must be positive", src, a)
     if a.dtype not in FP8:
         raise _fail(Op.FP8_BLOCK_SCALE, f"dtype must be one of {FP8}", src, a)
-    return "float32", (-(-x.shape[0] // br), -(-x.shape[1] // bc))
+    shape = (-(-x.shape[0] // br), -(-x.shape[1] // bc))
+    if len(src) == 2 and (src[1].dtype != "float32" or tuple(src[1].shape) != shape):
+        raise _fail(Op.FP8_BLOCK_SCALE, f"preferred scales must be float32{list(shape)}", src, a)
+    return "float32", shape
 
 
 def _rule_quant(src, a: QuantArg):
@@ -411,9 +422,11 @@ def dequant_fp8_block(w: Node, scale: Node, *, block: tuple[int, int] = (128, 12
     return make(Op.DEQUANT_FP8_BLOCK, (w, scale), DequantArg(tuple(block), tuple(origin), dtype))
 
 
-def fp8_block_scale(x: Node, *, block: tuple[int, int] = (128, 128), dtype: str = "float8_e4m3fn") -> Node:
-    """The float32 ``scale_inv`` grid that :func:`quant_fp8_block` needs to quantize ``x`` to ``dtype``."""
-    return make(Op.FP8_BLOCK_SCALE, (x,), BlockScaleArg(tuple(block), dtype))
+def fp8_block_scale(x: Node, *, block: tuple[int, int] = (128, 128), dtype: str = "float8_e4m3fn",
+                    prefer: Node | None = None) -> Node:
+    """The float32 ``scale_inv`` grid that :func:`quant_fp8_block` needs to quantize ``x`` to ``dtype``;
+    ``prefer``: scales to keep wherever the values still fit them (see :class:`BlockScaleArg`)."""
+    return make(Op.FP8_BLOCK_SCALE, (x,) if prefer is None else (x, prefer), BlockScaleArg(tuple(block), dtype))
 
 
 def quant_fp8_block(x: Node, scale: Node, *, block: tuple[int, int] = (128, 128),

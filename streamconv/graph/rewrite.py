@@ -140,10 +140,11 @@ def _quant(x: Node, dim, start, stop):
 
 def _block_scale(x: Node, dim, start, stop):
     a: BlockScaleArg = x.arg
-    (data,) = x.src
+    data = x.src[0]
     block, size = a.block[dim], data.shape[dim]
+    prefer = narrow(x.src[1], dim, start, stop) if len(x.src) == 2 else None
     return fp8_block_scale(narrow(data, dim, min(start * block, size), min(stop * block, size)),
-                           block=a.block, dtype=a.dtype)
+                           block=a.block, dtype=a.dtype, prefer=prefer)
 
 
 _RULES = {

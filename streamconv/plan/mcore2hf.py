@@ -227,7 +227,10 @@ def _fp8_export(cfg, sizes, options, tensors: dict[str, Node], load_dir: str, sc
                                 f"{name} {list(node.shape)} (expected float32{list(want)} scales of an FP8 weight).")
                 continue
             shard = original.tensors[src_name][0]
-            scale = read(f"{rel}/{shard}", src_name, info.dtype, info.shape, offset=info.start)
+            # the original scales wherever the weights still fit them: exact for unchanged weights, and a
+            # fine-tuned weight that grew past its block's range gets a fresh scale instead of being clipped
+            scale = fp8_block_scale(node, prefer=read(f"{rel}/{shard}", src_name, info.dtype, info.shape,
+                                                      offset=info.start))
         out[name] = quant_fp8_block(node, scale)
         out[name + SCALE_SUFFIX] = scale
     if problems:

@@ -364,3 +364,30 @@ def test_release_iteration_and_explicit_iteration(tiny_hf, tmp_path):
     run_plan(plan, RUN)
     want, got = load_dir(tiny_hf["bf16"]), load_dir(str(tmp_path / "o"))
     assert all(digest(got[k]) == digest(want[k]) for k in got)
+
+
+def test_fp8_export_after_fine_tuning_never_clips(tiny_hf, tmp_path):
+    """--fp8-scales-from after training: unchanged weights come back as the release's bytes; a weight that grew
+    past its blocks' range gets fresh scales there (instead of saturating at 448) and dequantizes back to the
+    trained values within FP8 rounding."""
+    src = tiny_hf["fp8"]
+    mcore = to_mcore(src, str(tmp_path / "mcore"))
+    path = os.path.join(mcore, "iter_0000001", "mp_rank_00", "model_optim_rng.pt")
+    obj = torch.load(path, weights_only=True)
+    key = "decoder.layers.1.self_attention.linear_proj.weight"
+    obj["model"][key] = obj["model"][key] * 4          # "training" moved this weight
+    trained = obj["model"][key].clone()
+    torch.save(obj, path)
+    os.remove(os.path.join(mcore, ".streamconv_journal.jsonl"))
+    out = to_hf(mcore, str(tmp_path / "hf"), export=ExportOptions(fp8_export=True, fp8_scales_from=src))
+    want, got = load_dir(src), load_dir(out)
+    want = {k: v for k, v in want.items() if not k.startswith("model.layers.4.")}  # no MTP converted
+    assert sorted(got) == sorted(want)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    for k, t in want.items():
+        if k not in (name, name + "_scale_inv"):
+            assert digest(got[k]) == digest(t), k
+    assert not torch.equal(got[name + "_scale_inv"], want[name + "_scale_inv"])
+    back = dequant_fp8_block(got[name], got[name + "_scale_inv"]).float()
+    assert got[name].float().abs().max() <= 448
+    assert torch.allclose(back, trained.float(), rtol=0.07, atol=1e-6)

@@ -482,3 +482,40 @@ def test_nbytes():
     x = read("f", "x", "bfloat16", (300, 200), offset=0)
     assert graph.quant_fp8_block(x, graph.fp8_block_scale(x)).nbytes == math.prod((300, 200))
     assert graph.fp8_block_scale(x).nbytes == 3 * 2 * 4
+
+
+# --- preferred scales (re-export with the scales the weights came with) ----------------------------------------------
+
+def test_preferred_scales_are_kept_while_the_values_fit():
+    """Dequantized FP8 weights keep their own scales exactly (so quantizing again gives the same codes); a block
+    whose values grew past its range gets the fresh amax/448 scale instead of being clipped; a zero block keeps
+    a zero scale."""
+    gen = torch.Generator().manual_seed(7)
+    codes = (torch.rand(300, 260, generator=gen) * 800 - 400).to(torch.float8_e4m3fn)
+    codes[:128, :128] = 448.0                      # a block at the top of the range: bf16(448 s) may round up
+    codes[128:256, 128:256] = 0.0
+    s = torch.rand(3, 3, generator=gen) * 1e-2 + 1e-4
+    s[1, 1] = 0.0
+    x = dequant_fp8_block(codes, s, block=(128, 128), dtype=torch.bfloat16)
+    kept = fp8_block_scale(x, prefer=s)
+    assert torch.equal(kept, s)
+    assert_bits(quant_fp8_block(x, kept), codes)
+    grown = x.clone()
+    grown[130:140, 5:9] *= 4                      # fine-tuning moved block (1, 0) past its range
+    scales = fp8_block_scale(grown, prefer=s)
+    fresh = fp8_block_scale(grown)
+    changed = (scales != s)
+    assert changed.sum() == 1 and changed[1, 0]
+    assert scales[1, 0] == fresh[1, 0]
+    q = quant_fp8_block(grown, scales).float()
+    assert q.abs().max() <= 448 and not torch.isnan(q).any()
+
+
+def test_preferred_scales_in_the_graph_narrow_and_check():
+    x = read("f", "x", "bfloat16", (300, 260), offset=0)
+    s = read("f", "s", "float32", (3, 3), offset=0)
+    node = graph.fp8_block_scale(x, prefer=s)
+    band = narrow(node, 0, 1, 3)
+    assert band.op is Op.FP8_BLOCK_SCALE and band.src[1].arg.rows == (1, 3) and band.src[0].arg.rows == (128, 300)
+    with pytest.raises(GraphError, match="preferred scales"):
+        graph.fp8_block_scale(x, prefer=read("f", "s", "float32", (2, 3), offset=0))
