@@ -15,7 +15,8 @@ $(VENV)/.installed: setup.cfg setup.py
 
 venv: $(VENV)/.installed
 
-# Generate a small DeepSeek-V3 FP8 checkpoint, plan hf2mcore at TP2 PP2 EP2 (grouped GEMM, MTP), run it, show it.
+# Generate a small DeepSeek-V3 FP8 checkpoint, plan hf2mcore at TP2 PP2 EP2 (grouped GEMM, MTP), run it, show it,
+# then convert it back to HF FP8.
 demo: venv
 	rm -rf $(DEMO)
 	$(VENV)/bin/streamconv synth --preset tiny --fp8 --save-dir $(DEMO)/hf
@@ -24,6 +25,10 @@ demo: venv
 	    --moe-grouped-gemm --mtp-num-layers 1 --output $(DEMO)/plan.json
 	$(VENV)/bin/streamconv run $(DEMO)/plan.json
 	$(VENV)/bin/streamconv inspect $(DEMO)/mcore
+	# and back: the layout comes from the record hf2mcore left; FP8 again, with the original scales
+	$(VENV)/bin/streamconv convert mcore2hf --load-dir $(DEMO)/mcore --save-dir $(DEMO)/hf-back \
+	    --fp8-export --fp8-scales-from $(DEMO)/hf --no-progress
+	$(VENV)/bin/streamconv inspect $(DEMO)/hf-back
 
 test: venv
 	$(PY) -m pytest -q

@@ -82,7 +82,7 @@ def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         source_files += scale_files
     checks = _replica_checks(src, replicas, export.verify_replicas)
 
-    files = _shards(cfg, out_fields, tensors, export.max_shard_size)
+    files = _shards(out_fields, tensors, export.max_shard_size)
     weight_map = {t.name: f.path for f in files for t in f.tensors}
     total = sum(t.nbytes for f in files for t in f.tensors)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -251,7 +251,7 @@ def _layer_of(name: str) -> int | None:
     return None
 
 
-def _shards(cfg, fields: dict, tensors: dict[str, Node], max_shard_size: int | None) -> list[OutputFile]:
+def _shards(fields: dict, tensors: dict[str, Node], max_shard_size: int | None) -> list[OutputFile]:
     """Group tensors into shards: one per layer (embedding with the first, norm and lm_head with the last real
     layer, each MTP layer alone), or greedily up to ``max_shard_size`` bytes in HF order."""
     groups: list[list[str]] = []
