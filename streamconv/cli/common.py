@@ -58,7 +58,8 @@ def add_mcore2hf_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-export", action="store_true",
                    help="write linear weights in DeepSeek's FP8 release format (128x128 block scales)")
     p.add_argument("--fp8-scales-from", metavar="HF_DIR", default=None,
-                   help="the original FP8 release: reuse its scales, so FP8 -> mcore -> FP8 is exact")
+                   help="the original FP8 release: reuse its scales wherever the weights still fit them (FP8 -> "
+                        "mcore -> FP8 is then exact; blocks grown by training get fresh scales)")
 
 
 def add_layout_flags(p: argparse.ArgumentParser, recorded: bool = False) -> None:

@@ -145,16 +145,16 @@ def plan_pieces(plan: Plan, band_bytes: int) -> list[Piece]:
 
 @dataclass(frozen=True)
 class Scheduled:
-    """A piece placed in a wave, with the node tasks it adds: ``(task key, node, source task keys)``."""
+    """Where a piece went: its wave, the node tasks it adds (``(task key, node, source task keys)``), and
+    the task key of its value."""
 
-    piece: Piece
     wave: int
     tasks: tuple[tuple[tuple, Node, tuple], ...]
     value: tuple        # task key of the piece's value
 
 
 def schedule(pieces: list[Piece], wave_bytes: int) -> list[Scheduled]:
-    """Place pieces, in order, into waves of about ``wave_bytes``, and name the node tasks each one needs.
+    """Place pieces (one :class:`Scheduled` each, same order) into waves of about ``wave_bytes``, and name the node tasks each one needs.
 
     A node value is shared by the pieces of its own wave and of the next one.  A piece that needs a value
     made two or more waves earlier gets a fresh instance, task key ``("node", key, wave)``, recomputed from
@@ -176,7 +176,7 @@ def schedule(pieces: list[Piece], wave_bytes: int) -> list[Scheduled]:
         for n in todo:
             made[n.key] = wave
             tasks.append((("node", n.key, wave), n, tuple(("node", s.key, made[s.key]) for s in n.src)))
-        out.append(Scheduled(p, wave, tuple(tasks), ("node", p.node.key, made[p.node.key])))
+        out.append(Scheduled(wave, tuple(tasks), ("node", p.node.key, made[p.node.key])))
     return out
 
 
