@@ -23,7 +23,7 @@ from streamconv.graph.node import (CastArg, CatArg, DequantArg, Node, Op, ReadAr
                                    slice_, toposort, transpose, view)
 from streamconv.graph.rewrite import narrow
 from streamconv.mapping.rules import grouped_weight1, grouped_weight2
-from streamconv.storage.safetensors import SafetensorsWriter, read_header
+from tests.st_file import write_with_reads
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -355,16 +355,8 @@ def ckpt(tmp_path_factory):
     for q in range(NE):
         tensors[f"fc1.{q}"] = torch.randn(C, H, generator=g).to(torch.bfloat16)
         tensors[f"fc2.{q}"] = torch.randn(H, F, generator=g).to(torch.bfloat16)
-    from streamconv import types
     root = str(tmp_path_factory.mktemp("ckpt"))
-    path = os.path.join(root, "model.safetensors")
-    entries = [(k, types.from_torch(v.dtype).name, tuple(v.shape)) for k, v in tensors.items()]
-    with SafetensorsWriter(path, entries) as w:
-        for k, v in tensors.items():
-            w.write(k, v)
-    header = read_header(path)
-    nodes = {k: read("model.safetensors", k, i.dtype, i.shape, offset=i.start) for k, i in header.tensors.items()}
-    return root, tensors, nodes
+    return root, tensors, write_with_reads(root, "model.safetensors", tensors)
 
 
 def _cases(n: dict) -> dict[str, Node]:

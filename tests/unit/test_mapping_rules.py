@@ -3,17 +3,15 @@ compared with the same layout written plainly in torch."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from streamconv import types
 from streamconv.errors import GraphError
 from streamconv.execute.kernels import materialize
-from streamconv.graph.node import Node, read
-from streamconv.mapping.rules import Split, apply_split, grouped_weight1, grouped_weight2
-from streamconv.storage.safetensors import SafetensorsWriter, read_header
+from streamconv.graph.node import Node
+from streamconv.mapping.rules import (Split, apply_split, grouped_weight1, grouped_weight2, head_part,
+                                      merge_head_parts, merge_split, ungroup_weight1, ungroup_weight2)
+from tests.st_file import write_with_reads
 
 NE, H, C, F = 4, 6, 8, 5   # experts, hidden, fc1 rows (2 * ffn) per expert, ffn per expert
 
@@ -33,14 +31,7 @@ def data(tmp_path_factory):
         tensors[f"fc1.{q}"] = torch.randn(C, H, generator=g).to(torch.bfloat16)
         tensors[f"fc2.{q}"] = torch.randn(H, F, generator=g).to(torch.bfloat16)
     root = str(tmp_path_factory.mktemp("rules"))
-    path = os.path.join(root, "m.safetensors")
-    entries = [(k, types.from_torch(v.dtype).name, tuple(v.shape)) for k, v in tensors.items()]
-    with SafetensorsWriter(path, entries) as w:
-        for k, v in tensors.items():
-            w.write(k, v)
-    nodes = {k: read("m.safetensors", k, i.dtype, i.shape, offset=i.start)
-             for k, i in read_header(path).tensors.items()}
-    return root, tensors, nodes
+    return root, tensors, write_with_reads(root, "m.safetensors", tensors)
 
 
 def same(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -153,3 +144,34 @@ def test_grouped_weight2_is_cat_of_transposes(data, n):
     assert same(w2, torch.cat([p.T for p in fc2], 0))
     for q in range(n):
         assert same(w2.view(n, -1, H)[q], fc2[q].T)
+
+
+# --- the inverse rules (mcore -> HF) -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split, names, tp", [
+    (Split.REPLICATED, ("x",), 2), (Split.COLUMN, ("x",), 4), (Split.ROW, ("x",), 2),
+    (Split.GATED_COLUMN, ("gate", "up"), 2), (Split.GATED_COLUMN, ("gate", "up"), 4),
+    (Split.FUSED_ROWS, ("a", "b"), 2),
+])
+def test_merge_split_inverts_apply_split(data, split, names, tp):
+    root, tensors, nodes = data
+    pieces = [apply_split(split, [nodes[n] for n in names], tp, t) for t in range(tp)]
+    merged = merge_split(split, pieces, tuple(tensors[n].shape[0] for n in names))
+    assert len(merged) == len(names)
+    for n, node in zip(names, merged):
+        assert same(run(node, root), tensors[n]), n
+
+
+def test_merge_head_parts_inverts_head_part(data):
+    root, tensors, nodes = data
+    heads, parts = 3, (2, 2)                 # x is [12, 8] = [3 heads * (2 + 2), 8]
+    split = [head_part(nodes["x"], heads, parts, i) for i in range(len(parts))]
+    assert same(run(merge_head_parts(split, heads), root), tensors["x"])
+
+
+def test_ungroup_inverts_grouped_weights(data):
+    root, tensors, nodes = data
+    w1 = grouped_weight1([nodes[f"fc1.{q}"] for q in range(NE)])
+    w2 = grouped_weight2([nodes[f"fc2.{q}"] for q in range(NE)])
+    for q, (fc1, fc2) in enumerate(zip(ungroup_weight1(w1, NE), ungroup_weight2(w2, NE))):
+        assert same(run(fc1, root), tensors[f"fc1.{q}"]) and same(run(fc2, root), tensors[f"fc2.{q}"])

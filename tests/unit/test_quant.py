@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamconv import graph, types
+from streamconv import graph
 from streamconv.errors import GraphError
 from streamconv.execute import quant
 from streamconv.execute.dequant import dequant_fp8_block
@@ -27,7 +26,7 @@ from streamconv.execute.quant import fp8_block_scale, quant_fp8_block, quant_ref
 from streamconv.graph.codec import graph_from_json, graph_to_json
 from streamconv.graph.node import Op, QuantArg, make, read, toposort
 from streamconv.graph.rewrite import narrow
-from streamconv.storage.safetensors import SafetensorsWriter, read_header
+from tests.st_file import write_with_reads
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
@@ -354,14 +353,7 @@ def ckpt(tmp_path_factory):
         "w8_s": torch.rand(3, 2, generator=gen) * 1e-3 + 1e-5,
     }
     root = str(tmp_path_factory.mktemp("ckpt"))
-    path = os.path.join(root, "model.safetensors")
-    entries = [(k, types.from_torch(v.dtype).name, tuple(v.shape)) for k, v in tensors.items()]
-    with SafetensorsWriter(path, entries) as w:
-        for k, v in tensors.items():
-            w.write(k, v)
-    nodes = {k: read("model.safetensors", k, i.dtype, i.shape, offset=i.start)
-             for k, i in read_header(path).tensors.items()}
-    return root, tensors, nodes
+    return root, tensors, write_with_reads(root, "model.safetensors", tensors)
 
 
 def _cases(n: dict) -> dict:
