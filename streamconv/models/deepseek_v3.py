@@ -447,7 +447,10 @@ def output_hf_config(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions)
 
     Layers are renumbered densely: output layer i is the i-th real slot, so a checkpoint converted with
     ``--num-layers`` or a lower ``--first-k-dense-replace`` comes back as a smaller, valid model."""
-    p = _placement(c, sizes, o)
+    return _output_fields(_placement(c, sizes, o), o)
+
+
+def _output_fields(p: "_Placement", o: McoreOptions) -> dict[str, int]:
     return {"num_hidden_layers": len(p.hf_layers), "first_k_dense_replace": p.first_k,
             "num_nextn_predict_layers": o.mtp_num_layers}
 
@@ -473,14 +476,15 @@ def build_hf_tensors(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions,
     (out["model.embed_tokens.weight"],) = merge_split(Split.COLUMN, pieces(p.first, "embedding.word_embeddings.weight"))
     for i, hf in enumerate(p.hf_layers):
         pp, group, local = slot_of[hf]
-        out.update(_unlayer(c, sizes, o, src, p, (pp, group), f"decoder.layers.{local}.", f"model.layers.{i}.",
-                            dense=hf < p.first_k))
+        out.update(_unlayer(c, sizes, o, src, p, (pp, group), pieces, f"decoder.layers.{local}.",
+                            f"model.layers.{i}.", dense=hf < p.first_k))
     (out["model.norm.weight"],) = merge_split(Split.REPLICATED, pieces(p.last, p.final_norm))
     (out["lm_head.weight"],) = merge_split(Split.COLUMN, pieces(p.last, "output_layer.weight"))
     for m in range(o.mtp_num_layers):
         hf_prefix = f"model.layers.{len(p.hf_layers) + m}."
         prefix = f"mtp.layers.{m}."
-        out.update(_unlayer(c, sizes, o, src, p, p.last, prefix + "transformer_layer.", hf_prefix, dense=False))
+        out.update(_unlayer(c, sizes, o, src, p, p.last, pieces, prefix + "transformer_layer.", hf_prefix,
+                            dense=False))
         if sizes.pp > 1:  # the MTP stage's own copy of the embedding
             (out[hf_prefix + "embed_tokens.weight"],) = merge_split(
                 Split.COLUMN, pieces(p.last, "embedding.word_embeddings.weight"))
@@ -491,22 +495,15 @@ def build_hf_tensors(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions,
         (out[hf_prefix + "shared_head.norm.weight"],) = merge_split(
             Split.REPLICATED, pieces(p.last, f"mtp.final_layernorms.{m}.weight"))
         out[hf_prefix + "shared_head.head.weight"] = out["lm_head.weight"]  # DeepSeek stores lm_head again
-    order = {name: k for k, name in enumerate(hf_tensor_shapes(_output_config(c, sizes, o)))}
+    order = {name: k for k, name in enumerate(hf_tensor_shapes(dataclasses.replace(c, **_output_fields(p, o))))}
     return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
 
 
-def _output_config(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> DeepSeekV3Config:
-    return dataclasses.replace(c, **output_hf_config(c, sizes, o))
-
-
-def _unlayer(c, sizes, o, src: RankTensors, p: _Placement, chunk: tuple[int, str], prefix: str, hf_prefix: str,
-             dense: bool) -> dict[str, Node]:
-    """Inverse of :func:`_layer`: one transformer layer's HF tensors from the rank files of ``chunk``."""
+def _unlayer(c, sizes, o, src: RankTensors, p: _Placement, chunk: tuple[int, str], pieces, prefix: str,
+             hf_prefix: str, dense: bool) -> dict[str, Node]:
+    """Inverse of :func:`_layer`: one transformer layer's HF tensors from the rank files of ``chunk``;
+    ``pieces(chunk, name)`` gives each TP rank's copy of a non-expert tensor."""
     pp, group = chunk
-    holders = {}
-    for r in p.ranks:
-        if r.pp_rank == pp:
-            holders.setdefault(r.tp_rank, r)
     shapes = _layer_shapes(c, dense)
 
     def name_of(suffix: str) -> str:
@@ -515,8 +512,7 @@ def _unlayer(c, sizes, o, src: RankTensors, p: _Placement, chunk: tuple[int, str
     def untable(rows) -> dict[str, Node]:
         got = {}
         for target, sources, split in rows:
-            pieces = [src.get(holders[t], group, name_of(target)) for t in range(sizes.tp)]
-            merged = merge_split(split, pieces, tuple(shapes[s][0] for s in sources))
+            merged = merge_split(split, pieces(chunk, name_of(target)), tuple(shapes[s][0] for s in sources))
             got.update(zip([hf_prefix + s for s in sources], merged))
         return got
 
@@ -524,8 +520,7 @@ def _unlayer(c, sizes, o, src: RankTensors, p: _Placement, chunk: tuple[int, str
     if o.mla_mm_split:
         by_source: dict[str, list] = defaultdict(list)
         for target, source, parts, index in MLA_MM_SPLIT:
-            pieces = [src.get(holders[t], group, name_of(target)) for t in range(sizes.tp)]
-            by_source[source].append(merge_split(Split.COLUMN, pieces)[0])  # parts come in index order
+            by_source[source].append(merge_split(Split.COLUMN, pieces(chunk, name_of(target)))[0])  # index order
         for source, parts in by_source.items():
             out[hf_prefix + source] = merge_head_parts(parts, c.num_attention_heads)
     else:
