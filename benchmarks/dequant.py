@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     if dequant.HAVE_NUMBA:
         dequant._dequant_numba(w[:256, :256], s, **kw)  # compile (or load the cache) outside the timings
 
-    t_torch, ref = best_of(args.repeat, lambda: dequant.dequant_reference(w, s))
-    ref2 = dequant.dequant_reference(w2, s2)
+    t_torch, ref = best_of(args.repeat, lambda: dequant.dequant_reference(w, s, block=(128, 128)))
+    ref2 = dequant.dequant_reference(w2, s2, block=(128, 128))
     runs = {"torch_formula": (t_torch, n, True)}
 
     def both(fn):

@@ -30,7 +30,7 @@ def main(plan_path: str) -> int:
         tensors.update(load_file(os.path.join(plan.source_root, s.name)))
     for name in [n for n in tensors if n.endswith("_scale_inv")]:
         w = name[: -len("_scale_inv")]
-        tensors[w] = dequant_reference(tensors[w], tensors[name])
+        tensors[w] = dequant_reference(tensors[w], tensors[name], block=(128, 128))
     built: dict[str, dict] = {}
     for f in plan.files:  # every rank's dict in memory before saving, like a whole-stage converter
         if not f.tensors:

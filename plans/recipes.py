@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from streamconv import synth  # noqa: E402
 from streamconv.layout.parallel import ParallelSizes  # noqa: E402
-from streamconv.models.deepseek_v3 import McoreOptions  # noqa: E402
+from streamconv.layout.options import McoreOptions  # noqa: E402
 from streamconv.plan.planner import plan_hf_to_mcore  # noqa: E402
 
 # name -> (sizes, options, where the layout comes from)

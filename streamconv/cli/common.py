@@ -123,7 +123,7 @@ def plan_hf2mcore_from_args(args):
 
 def _options_from_args(args, recorded: dict | None = None):
     """McoreOptions from the flags; with ``recorded`` (an hf2mcore record), flags not given take its values."""
-    from ..models.deepseek_v3 import McoreOptions
+    from ..layout.options import McoreOptions
 
     given = {
         "moe_grouped_gemm": args.moe_grouped_gemm, "mtp_num_layers": args.mtp_num_layers,

@@ -80,7 +80,7 @@ _gather_numba = _jit(_gather_py)
 HAVE_NUMBA = _gather_numba is not None  # the fast path is in use
 
 
-def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int] = (128, 128),
+def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int],
                       origin: tuple[int, int] = (0, 0), dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Dequantize a 2-D fp8 tensor with per-block float32 scales (see ``DequantArg`` for ``origin``)."""
     _check_scale(w, scale, block, origin)
@@ -171,7 +171,7 @@ def _empty(rows: int, cols: int, dtype: torch.dtype) -> tuple[torch.Tensor, np.n
     return torch.from_numpy(ints).view(dtype), ints
 
 
-def dequant_reference(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+def dequant_reference(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """The plain torch formulation (slow; used by tests and benchmarks as the baseline)."""
     br, bc = block
     s = scale.repeat_interleave(br, 0).repeat_interleave(bc, 1)[: w.shape[0], : w.shape[1]]

@@ -61,7 +61,7 @@ def _row_bands(lo: int, hi: int, cols: int):
         yield a, min(hi, a + step)
 
 
-def fp8_block_scale(x: torch.Tensor, *, block: tuple[int, int] = (128, 128),
+def fp8_block_scale(x: torch.Tensor, *, block: tuple[int, int],
                     dtype: torch.dtype = torch.float8_e4m3fn, prefer: torch.Tensor | None = None) -> torch.Tensor:
     """Per-block ``scale_inv`` (float32, ``[ceil(R/br), ceil(C/bc)]``) of a 2-D floating tensor ``x``.
 
@@ -98,7 +98,7 @@ def fp8_block_scale(x: torch.Tensor, *, block: tuple[int, int] = (128, 128),
     return torch.where(keep, prefer, fresh)
 
 
-def quant_fp8_block(x: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int] = (128, 128),
+def quant_fp8_block(x: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int],
                     origin: tuple[int, int] = (0, 0), dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
     """Quantize a 2-D floating tensor with per-block float32 ``scale`` (``scale_inv``; see ``QuantArg`` for
     ``origin``).  Bit-identical to :func:`quant_reference`; zero scales give +0."""
@@ -136,7 +136,7 @@ def quant_fp8_block(x: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, i
     return out
 
 
-def quant_reference(x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128),
+def quant_reference(x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                     origin: tuple[int, int] = (0, 0), dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
     """The formula written out (slow; tests and benchmarks): expand the scales, divide, cast once."""
     br, bc = block

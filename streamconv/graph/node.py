@@ -417,19 +417,19 @@ def cast(x: Node, dtype: str) -> Node:
     return make(Op.CAST, (x,), CastArg(dtype))
 
 
-def dequant_fp8_block(w: Node, scale: Node, *, block: tuple[int, int] = (128, 128),
+def dequant_fp8_block(w: Node, scale: Node, *, block: tuple[int, int],
                       origin: tuple[int, int] = (0, 0), dtype: str = "bfloat16") -> Node:
     return make(Op.DEQUANT_FP8_BLOCK, (w, scale), DequantArg(tuple(block), tuple(origin), dtype))
 
 
-def fp8_block_scale(x: Node, *, block: tuple[int, int] = (128, 128), dtype: str = "float8_e4m3fn",
+def fp8_block_scale(x: Node, *, block: tuple[int, int], dtype: str = "float8_e4m3fn",
                     prefer: Node | None = None) -> Node:
     """The float32 ``scale_inv`` grid that :func:`quant_fp8_block` needs to quantize ``x`` to ``dtype``;
     ``prefer``: scales to keep wherever the values still fit them (see :class:`BlockScaleArg`)."""
     return make(Op.FP8_BLOCK_SCALE, (x,) if prefer is None else (x, prefer), BlockScaleArg(tuple(block), dtype))
 
 
-def quant_fp8_block(x: Node, scale: Node, *, block: tuple[int, int] = (128, 128),
+def quant_fp8_block(x: Node, scale: Node, *, block: tuple[int, int],
                     origin: tuple[int, int] = (0, 0), dtype: str = "float8_e4m3fn") -> Node:
     """``x`` quantized with ``scale`` (``scale_inv``): with the scales an FP8 checkpoint was dequantized with,
     this gives back its fp8 bytes exactly (see ``streamconv.execute.quant``)."""

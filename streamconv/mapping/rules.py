@@ -9,6 +9,10 @@ Per-rank layouts, with ``chunk_t(X, n, d)`` the t-th of n equal pieces of X alon
     GATED_COLUMN    [chunk_t(gate, TP, 0);             SwiGLU fc1: each rank holds its gate slice, then its
                      chunk_t(up, TP, 0)]               up slice (Megatron splits the fc1 output in halves)
     FUSED_ROWS      [X_0; X_1; ...] whole              several sources stacked on dim 0, not split
+    HEAD_PARTS      chunk_t(part_k(X), TP, 0)          a head-major X whose heads have parts (rows p_0, p_1..):
+                                                       target k holds part k of every head, split by whole heads
+    QKV_GROUPS      chunk_t([q_g; k_g; v_g]_g, TP, 0)  GQA fused qkv: per query group g its q heads, then its k
+                                                       head, then its v head; split by whole groups
 
 Grouped-GEMM expert stacks (Megatron GroupedMLP, ``weight1.view(n, H, -1)``, ``weight2.view(n, -1, H)``):
 
@@ -20,8 +24,10 @@ Grouped-GEMM expert stacks (Megatron GroupedMLP, ``weight1.view(n, H, -1)``, ``w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
+from ..errors import ValidationError
 from ..graph.node import Node, cat, chunk, slice_, transpose, view
 
 
@@ -31,6 +37,61 @@ class Split(str, Enum):
     ROW = "row"
     GATED_COLUMN = "gated_column"
     FUSED_ROWS = "fused_rows"
+    HEAD_PARTS = "head_parts"
+    QKV_GROUPS = "qkv_groups"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a model table: mcore ``targets`` built from HF ``sources`` by ``split``.
+
+    Names are suffixes (the layer prefix is added by the assembler).  Most rules make one target; HEAD_PARTS
+    makes one per part.  ``heads``/``parts`` parametrise the head rules: HEAD_PARTS ``heads`` heads of
+    ``parts`` rows each; QKV_GROUPS ``heads`` query groups, ``parts`` = (query heads per group, head dim).
+    """
+
+    targets: tuple[str, ...]
+    sources: tuple[str, ...]
+    split: Split
+    heads: int = 0
+    parts: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        want_targets = len(self.parts) if self.split is Split.HEAD_PARTS else 1
+        want_sources = {Split.GATED_COLUMN: 2, Split.QKV_GROUPS: 3, Split.FUSED_ROWS: len(self.sources)}
+        if (len(self.targets) != want_targets or len(self.sources) != want_sources.get(self.split, 1)
+                or (self.split in (Split.HEAD_PARTS, Split.QKV_GROUPS) and (self.heads < 1 or not self.parts))):
+            raise ValueError(f"malformed table row {self}")
+
+    def renamed(self, names: dict[str, str]) -> "Row":
+        """The row with targets renamed by ``names`` (a naming variant: a table delta)."""
+        return Row(tuple(names.get(t, t) for t in self.targets), self.sources, self.split, self.heads, self.parts)
+
+
+def row(target: str, sources: tuple[str, ...] | str, split: Split) -> Row:
+    """A one-target row: ``row("linear_proj.weight", "o_proj.weight", Split.ROW)``."""
+    return Row((target,), (sources,) if isinstance(sources, str) else tuple(sources), split)
+
+
+def apply_row(r: Row, sources: list[Node], tp: int, t: int) -> list[Node]:
+    """The rank-``t`` piece (of ``tp``) of each target of ``r``."""
+    if r.split is Split.HEAD_PARTS:
+        (x,) = sources
+        return [chunk(head_part(x, r.heads, r.parts, k), tp, t, 0) for k in range(len(r.parts))]
+    if r.split is Split.QKV_GROUPS:
+        return [qkv_groups(sources, r.heads, r.parts, tp, t)]
+    return [apply_split(r.split, sources, tp, t)]
+
+
+def merge_row(r: Row, pieces: list[list[Node]], source_rows: tuple[int, ...] = ()) -> list[Node]:
+    """Inverse of :func:`apply_row`: every source of ``r`` from ``pieces[k][t]``, target k's piece of TP rank t.
+    ``source_rows``: the row count of each source (FUSED_ROWS needs it)."""
+    if r.split is Split.HEAD_PARTS:
+        return [merge_head_parts([cat(p, 0) for p in pieces], r.heads)]
+    if r.split is Split.QKV_GROUPS:
+        return unfuse_qkv_groups(cat(pieces[0], 0), r.heads, r.parts)
+    (target_pieces,) = pieces
+    return merge_split(r.split, target_pieces, source_rows)
 
 
 def apply_split(split: Split, sources: list[Node], tp: int, t: int) -> Node:
@@ -63,6 +124,36 @@ def head_part(x: Node, heads: int, parts: tuple[int, ...], index: int) -> Node:
     start = sum(parts[:index])
     offsets, lengths = (0, start, 0), (heads, parts[index], cols)
     return view(slice_(per_head, offsets, lengths), (heads * parts[index], cols))
+
+
+def qkv_groups(qkv: list[Node], groups: int, parts: tuple[int, ...], tp: int, t: int) -> Node:
+    """Megatron's fused GQA ``linear_qkv`` rows of TP rank ``t``: for each of its ``groups / tp`` query groups,
+    the group's q heads, then its k head, then its v head (``parts`` = (q heads per group, head dim))."""
+    q, k, v = qkv
+    per_group, head_dim = parts
+    if groups % tp:
+        raise ValidationError(f"QKV_GROUPS: {tp} ranks do not divide {groups} query groups")
+    cols = q.shape[1]
+    mine = range(t * groups // tp, (t + 1) * groups // tp)
+    rows = []
+    for g in mine:
+        rows += [slice_(q, (g * per_group * head_dim, 0), (per_group * head_dim, cols)),
+                 slice_(k, (g * head_dim, 0), (head_dim, cols)),
+                 slice_(v, (g * head_dim, 0), (head_dim, cols))]
+    return cat(rows, 0)
+
+
+def unfuse_qkv_groups(fused: Node, groups: int, parts: tuple[int, ...]) -> list[Node]:
+    """Inverse of :func:`qkv_groups` over all ranks: ``[q, k, v]`` from the whole fused tensor."""
+    per_group, head_dim = parts
+    width, cols = (per_group + 2) * head_dim, fused.shape[1]
+    q, k, v = [], [], []
+    for g in range(groups):
+        base = g * width
+        q.append(slice_(fused, (base, 0), (per_group * head_dim, cols)))
+        k.append(slice_(fused, (base + per_group * head_dim, 0), (head_dim, cols)))
+        v.append(slice_(fused, (base + (per_group + 1) * head_dim, 0), (head_dim, cols)))
+    return [cat(q, 0), cat(k, 0), cat(v, 0)]
 
 
 def grouped_weight1(fc1_pieces: list[Node]) -> Node:

@@ -1,32 +1,25 @@
-"""DeepSeek-V3 (HF ``deepseek_v3``) -> MindSpeed-LLM mcore, as tables.
+"""DeepSeek-V3 (HF ``deepseek_v3``; MindSpeed ``deepseek3``): MLA attention, dense then MoE layers, a shared
+expert, a float32 router bias, MTP.
 
-Spec: ``deepseek_v3_mindspeed.md`` §1 (HF layout), §3 (key mapping), §4 (placement).  Every dimension comes
-from config.json.  Tables below are ``(mcore suffix, HF suffixes, split rule)`` rows; split rules are
-defined in :mod:`streamconv.mapping.rules`.  Key names are the current MindSpeed set (after 2025-07-23).
+Spec ``deepseek_v3_mindspeed.md``: §1 (HF layout, FP8 §1.4), §3 (key mapping), §3.4 (``--mla-mm-split``),
+§3.7 (MTP).  Every dimension comes from config.json.  Rows are ``(mcore suffix, HF suffixes, split rule)``
+(:mod:`streamconv.mapping.rules`); key names are MindSpeed's current set (after 2025-07-23), the older set
+is a table delta (:data:`LEGACY_MLA_NAMES`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, fields, replace
 
 from ..errors import ValidationError
-from ..graph.node import Node
-from ..layout.parallel import ParallelSizes, RankFile, etp1_rank_files, expert_range, rank_files
-from ..layout.pipeline import PipelineLayout, place_slots
-from ..layout.pipeline import validate as validate_pipeline
-from ..mapping.rules import (Split, apply_split, grouped_weight1, grouped_weight2, head_part, merge_head_parts,
-                             merge_split, ungroup_weight1, ungroup_weight2)
-from ..mapping.sources import SourceTensors
+from ..layout.options import EP_FLAG, TP_FLAG, Divisible, McoreOptions
+from ..layout.placement import expert_tp_size
+from ..mapping.rules import Row, Split, row
+from ..mapping.spec import COMPANIONS, HFTensor, ModelSpec
+from ..mapping.spec import TensorKind as K
+from .quant import FP8_BLOCK_128
+from .registry import register_model
 
-MODEL_TYPE = "deepseek_v3"
-FP8_BLOCK = (128, 128)
-
-
-# --- config ------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class DeepSeekV3Config:
@@ -49,134 +42,58 @@ class DeepSeekV3Config:
     num_nextn_predict_layers: int = 0
     fp8: bool = False
 
+    OPTIONAL = ("num_nextn_predict_layers", "fp8")
+
     @classmethod
-    def from_json(cls, obj: dict, *, path: str = "config.json") -> "DeepSeekV3Config":
-        required = [f for f in cls.__dataclass_fields__ if f not in ("num_nextn_predict_layers", "fp8")]
-        missing = [f for f in required if not isinstance(obj.get(f), int)]
+    def from_json(cls, obj: dict, *, path: str = "config.json", title: str = "DeepSeek-V3"):
+        required = [f.name for f in fields(cls) if f.name not in cls.OPTIONAL]
+        missing = [f for f in required if not isinstance(obj.get(f), int) or isinstance(obj.get(f), bool)]
         if missing:
             raise ValidationError(f"{path}: missing or non-integer field(s) {', '.join(missing)}. "
-                                  f"Is this a DeepSeek-V3 config.json?")
-        q = obj.get("quantization_config") or {}
-        fp8 = q.get("quant_method") == "fp8"
-        if fp8 and list(q.get("weight_block_size", FP8_BLOCK)) != list(FP8_BLOCK):
-            raise ValidationError(f"{path}: quantization_config.weight_block_size {q.get('weight_block_size')} "
-                                  f"(expected [128, 128]); only DeepSeek's 128x128 block format is supported.")
-        return cls(**{f: obj[f] for f in required},
-                   num_nextn_predict_layers=int(obj.get("num_nextn_predict_layers") or 0), fp8=fp8)
+                                  f"Is this a {title} config.json?")
+        mtp = obj.get("num_nextn_predict_layers") or 0
+        return cls(**{f: obj[f] for f in required}, num_nextn_predict_layers=mtp, fp8=fp8_of(obj, path))
+
+    # the generic sizes (mapping.spec.ModelConfig)
+    num_experts = property(lambda self: self.n_routed_experts)
+    first_dense = property(lambda self: self.first_k_dense_replace)
+    mtp_layers = property(lambda self: self.num_nextn_predict_layers)
+    tied = property(lambda self: False)
 
     @property
     def shared_ffn(self) -> int:
         return self.moe_intermediate_size * self.n_shared_experts
 
 
-@dataclass(frozen=True)
-class McoreOptions:
-    """MindSpeed-LLM model flags that change the checkpoint layout (beyond TP/PP/EP)."""
-
-    moe_grouped_gemm: bool = False
-    mtp_num_layers: int = 0
-    num_layers: int | None = None              # layer slots, noop included; default: config layers + noop
-    first_k_dense_replace: int | None = None   # default: config first_k_dense_replace
-    vpp_layers: int | None = None              # --num-layers-per-virtual-pipeline-stage
-    noop_layers: tuple[int, ...] = ()          # --noop-layers
-    num_layer_list: tuple[int, ...] | None = None  # --num-layer-list
-    dualpipev: bool = False                    # --schedules-method dualpipev
-    mla_key_names: str = "current"             # "legacy": checkpoints made before 2025-07-23
-    mla_mm_split: bool = False                 # --mla-mm-split
-    moe_tp_extend_ep: bool = False             # --moe-tp-extend-ep: experts whole, TP becomes extra EP
-    expert_tensor_parallel_size: int | None = None  # 1: experts whole by EP rank, only instantiated ranks
-
-
-# --- the HF side: every tensor the checkpoint must contain (validation and coverage) -----------------------------
-
-def _layer_shapes(c: DeepSeekV3Config, dense: bool) -> dict[str, tuple[int, ...]]:
-    h, nh = c.hidden_size, c.num_attention_heads
-    s = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_a_proj.weight": (c.q_lora_rank, h),
-        "self_attn.q_a_layernorm.weight": (c.q_lora_rank,),
-        "self_attn.q_b_proj.weight": (nh * (c.qk_nope_head_dim + c.qk_rope_head_dim), c.q_lora_rank),
-        "self_attn.kv_a_proj_with_mqa.weight": (c.kv_lora_rank + c.qk_rope_head_dim, h),
-        "self_attn.kv_a_layernorm.weight": (c.kv_lora_rank,),
-        "self_attn.kv_b_proj.weight": (nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
-        "self_attn.o_proj.weight": (h, nh * c.v_head_dim),
-    }
-    if dense:
-        f = c.intermediate_size
-        s.update({"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)})
-        return s
-    fs, fm = c.shared_ffn, c.moe_intermediate_size
-    s.update({
-        "mlp.gate.weight": (c.n_routed_experts, h),
-        "mlp.gate.e_score_correction_bias": (c.n_routed_experts,),
-        "mlp.shared_experts.gate_proj.weight": (fs, h),
-        "mlp.shared_experts.up_proj.weight": (fs, h),
-        "mlp.shared_experts.down_proj.weight": (h, fs),
-    })
-    for j in range(c.n_routed_experts):
-        s[f"mlp.experts.{j}.gate_proj.weight"] = (fm, h)
-        s[f"mlp.experts.{j}.up_proj.weight"] = (fm, h)
-        s[f"mlp.experts.{j}.down_proj.weight"] = (h, fm)
-    return s
-
-
-def _mtp_extra_shapes(c: DeepSeekV3Config) -> dict[str, tuple[int, ...]]:
-    h, v = c.hidden_size, c.vocab_size
-    return {"embed_tokens.weight": (v, h), "enorm.weight": (h,), "hnorm.weight": (h,),
-            "eh_proj.weight": (h, 2 * h), "shared_head.norm.weight": (h,), "shared_head.head.weight": (v, h)}
-
-
-def hf_tensor_shapes(c: DeepSeekV3Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor a DeepSeek-V3 HF checkpoint with config ``c`` holds (FP8 scales excluded)."""
-    out = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,),
-           "lm_head.weight": (c.vocab_size, c.hidden_size)}
-    for i in range(c.num_hidden_layers + c.num_nextn_predict_layers):
-        shapes = _layer_shapes(c, dense=i < c.first_k_dense_replace)
-        if i >= c.num_hidden_layers:
-            shapes.update(_mtp_extra_shapes(c))
-        out.update({f"model.layers.{i}.{k}": v for k, v in shapes.items()})
-    return out
-
-
-# The 2-D linear weights that DeepSeek's FP8 release stores as float8_e4m3fn with a `_scale_inv` (spec §1.4).
-# Everything else (router gate, embeddings, lm_head, norms, eh_proj, shared_head) stays bf16/float32.
-_FP8_WEIGHT = re.compile(
-    r"^model\.layers\.\d+\.("
-    r"self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj)"
-    r")\.weight$")
-
-
-def is_fp8_weight(name: str) -> bool:
-    """Whether the FP8 release stores ``name`` as float8_e4m3fn with a ``_scale_inv``."""
-    return _FP8_WEIGHT.match(name) is not None
+def fp8_of(obj: dict, path: str) -> bool:
+    """Whether config.json announces the 128x128 block FP8 release format (and no other quantization)."""
+    q = obj.get("quantization_config") or {}
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        return False
+    if not FP8_BLOCK_128.describes(q):
+        raise ValidationError(f"{path}: quantization_config.weight_block_size {q.get('weight_block_size')} "
+                              f"(expected {list(FP8_BLOCK_128.block)}); only the {FP8_BLOCK_128.block[0]}x"
+                              f"{FP8_BLOCK_128.block[1]} block format is supported.")
+    return True
 
 
 # --- the mcore side: tables -----------------------------------------------------------------------------------------
 
 ATTENTION = [
-    ("input_layernorm.weight", ("input_layernorm.weight",), Split.REPLICATED),
-    ("self_attention.linear_qkv.weight",
-     ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"), Split.FUSED_ROWS),  # LinearNoTP
-    ("self_attention.q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), Split.REPLICATED),
-    ("self_attention.kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), Split.REPLICATED),
+    row("input_layernorm.weight", "input_layernorm.weight", Split.REPLICATED),
+    row("self_attention.linear_qkv.weight",
+        ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"), Split.FUSED_ROWS),  # LinearNoTP
+    row("self_attention.q_layernorm.weight", "self_attn.q_a_layernorm.weight", Split.REPLICATED),
+    row("self_attention.kv_layernorm.weight", "self_attn.kv_a_layernorm.weight", Split.REPLICATED),
 ]
 # The up-projections: whole (default), or split per head part with --mla-mm-split (spec §3.4).
 ATTENTION_UP = [
-    ("self_attention.linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",), Split.COLUMN),    # whole heads
-    ("self_attention.linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",), Split.COLUMN),  # whole heads
-]
-# (target, source, per-head parts as config fields, which part); each is then split by whole heads over TP.
-MLA_MM_SPLIT = [
-    ("self_attention.linear_qk_nope.weight", "self_attn.q_b_proj.weight", ("qk_nope_head_dim", "qk_rope_head_dim"), 0),
-    ("self_attention.linear_qk_rope.weight", "self_attn.q_b_proj.weight", ("qk_nope_head_dim", "qk_rope_head_dim"), 1),
-    ("self_attention.linear_kv_nope.weight", "self_attn.kv_b_proj.weight", ("qk_nope_head_dim", "v_head_dim"), 0),
-    ("self_attention.linear_v.weight", "self_attn.kv_b_proj.weight", ("qk_nope_head_dim", "v_head_dim"), 1),
+    row("self_attention.linear_q_up_proj.weight", "self_attn.q_b_proj.weight", Split.COLUMN),    # whole heads
+    row("self_attention.linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight", Split.COLUMN),  # whole heads
 ]
 ATTENTION_OUT = [
-    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), Split.ROW),
-    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), Split.REPLICATED),
+    row("self_attention.linear_proj.weight", "self_attn.o_proj.weight", Split.ROW),
+    row("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", Split.REPLICATED),
 ]
 # MindSpeed's MLA names before 2025-07-23 (--mla-key-names legacy).
 LEGACY_MLA_NAMES = {
@@ -184,390 +101,182 @@ LEGACY_MLA_NAMES = {
     "self_attention.linear_kv_up_proj.weight": "self_attention.linear_kvb.weight",
     "self_attention.kv_layernorm.weight": "self_attention.k_layernorm.weight",
 }
-
 DENSE_MLP = [
-    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), Split.GATED_COLUMN),
-    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), Split.ROW),
+    row("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), Split.GATED_COLUMN),
+    row("mlp.linear_fc2.weight", "mlp.down_proj.weight", Split.ROW),
 ]
-
-MOE_MLP = [
-    ("mlp.router.weight", ("mlp.gate.weight",), Split.REPLICATED),
-    ("mlp.router.expert_bias", ("mlp.gate.e_score_correction_bias",), Split.REPLICATED),  # stays float32
-    ("mlp.shared_experts.linear_fc1.weight",
-     ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), Split.GATED_COLUMN),
-    ("mlp.shared_experts.linear_fc2.weight", ("mlp.shared_experts.down_proj.weight",), Split.ROW),
+ROUTER = [
+    row("mlp.router.weight", "mlp.gate.weight", Split.REPLICATED),
+    row("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", Split.REPLICATED),  # stays float32
 ]
-
-# Routed expert j, per rank slice of the expert tensor-parallel group (TPe = TP, or 1 with tp-extend-ep / ETP 1).
-EXPERT_FC1 = (("mlp.experts.{j}.gate_proj.weight", "mlp.experts.{j}.up_proj.weight"), Split.GATED_COLUMN)
-EXPERT_FC2 = (("mlp.experts.{j}.down_proj.weight",), Split.ROW)
-
-# MTP module m (HF layer num_hidden_layers + m), besides its transformer layer.
+SHARED_EXPERTS = [
+    row("mlp.shared_experts.linear_fc1.weight",
+        ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), Split.GATED_COLUMN),
+    row("mlp.shared_experts.linear_fc2.weight", "mlp.shared_experts.down_proj.weight", Split.ROW),
+]
+# MTP module m (HF layer num_hidden_layers + m), besides its transformer layer (spec §3.7).
 MTP_EXTRA = [
-    ("enorm.weight", ("enorm.weight",), Split.REPLICATED),
-    ("hnorm.weight", ("hnorm.weight",), Split.REPLICATED),
-    ("eh_proj.weight", ("eh_proj.weight",), Split.COLUMN),
+    row("enorm.weight", "enorm.weight", Split.REPLICATED),
+    row("hnorm.weight", "hnorm.weight", Split.REPLICATED),
+    row("eh_proj.weight", "eh_proj.weight", Split.COLUMN),
 ]
 
 
-# --- building every rank's state dict ------------------------------------------------------------------------------
+class DeepSeekV3(ModelSpec):
+    name = "deepseek_v3"
+    title = "DeepSeek-V3"
+    model_types = ("deepseek_v3",)
+    mindspeed_names = ("deepseek3",)
+    quant = FP8_BLOCK_128
+    companions = COMPANIONS + ("configuration_deepseek.py", "modeling_deepseek.py")
+    variants = frozenset({"mla_mm_split", "mla_key_names"})
+    legacy_names = LEGACY_MLA_NAMES
+    config_class = DeepSeekV3Config
+    architecture = "DeepseekV3ForCausalLM"
+    zero_ok = frozenset({"first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"})
+    limits = {"num_hidden_layers": 1024, "n_routed_experts": 8192, "num_nextn_predict_layers": 16}
 
-@dataclass(frozen=True)
-class TargetTensor:
-    group: str     # top-level key of the .pt file holding it ("model")
-    name: str
-    node: Node
+    def config_from_json(self, obj: dict, path: str):
+        return self.config_class.from_json(obj, path=path, title=self.title)
 
-
-def hf_layer_list(c: DeepSeekV3Config, num_layers: int, first_k: int) -> list[int]:
-    """HF layer index for each real slot (spec §4.2): the first ``first_k`` layers, then the MoE layers."""
-    return (list(range(first_k)) + list(range(c.first_k_dense_replace, c.num_hidden_layers)))[:num_layers]
-
-
-def pipeline_layout(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> PipelineLayout:
-    slots = c.num_hidden_layers + len(o.noop_layers) if o.num_layers is None else o.num_layers
-    return PipelineLayout(slots, sizes.pp, o.vpp_layers, tuple(o.noop_layers),
-                          tuple(o.num_layer_list) if o.num_layer_list is not None else None, o.dualpipev)
-
-
-def validate(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> tuple[int, int]:
-    """Every contradiction between config, sizes and options, raised at once.  Returns (real layers, first_k)."""
-    layout = pipeline_layout(c, sizes, o)
-    problems = validate_pipeline(layout)
-    real = layout.num_layers - len(set(o.noop_layers))
-    first_k = c.first_k_dense_replace if o.first_k_dense_replace is None else o.first_k_dense_replace
-    tp = sizes.tp
-    ep = sizes.ep
-    if not 1 <= real <= c.num_hidden_layers:
-        problems.append(f"--num-layers {layout.num_layers} leaves {real} real layers (noop slots excluded); the "
-                        f"checkpoint has {c.num_hidden_layers} (num_hidden_layers in config.json).")
-    available = first_k + c.num_hidden_layers - c.first_k_dense_replace
-    if 1 <= real <= c.num_hidden_layers and 0 <= first_k <= c.first_k_dense_replace and real > available:
-        problems.append(f"--first-k-dense-replace {first_k} leaves {available} HF layers for {real} real layer "
-                        f"slots. Lower --num-layers or raise --first-k-dense-replace.")
-    if not 0 <= first_k <= c.first_k_dense_replace:
-        problems.append(f"--first-k-dense-replace {first_k}: must be between 0 and the checkpoint's "
-                        f"first_k_dense_replace ({c.first_k_dense_replace}).")
-    elif o.dualpipev and first_k != c.first_k_dense_replace:
-        problems.append("--first-k-dense-replace smaller than the checkpoint's is not supported with dualpipev "
-                        "(MindSpeed does not apply it there either).")
-    if o.dualpipev and tp > 1 and not o.moe_tp_extend_ep:
-        problems.append("--schedules-method dualpipev with --target-tensor-parallel-size > 1 needs "
-                        "--moe-tp-extend-ep.")
-    if o.mla_key_names not in ("current", "legacy"):
-        problems.append(f"--mla-key-names {o.mla_key_names!r}: expected 'current' or 'legacy'.")
-    if o.expert_tensor_parallel_size not in (None, 1, tp):
-        problems.append(f"--expert-tensor-parallel-size {o.expert_tensor_parallel_size}: only 1 or the tensor "
-                        f"parallel size ({tp}) are supported.")
-    etp1 = o.expert_tensor_parallel_size == 1 and tp > 1
-    if etp1 and o.moe_tp_extend_ep:
-        problems.append("--expert-tensor-parallel-size 1 and --moe-tp-extend-ep are mutually exclusive.")
-    if etp1 and tp % ep and ep % tp:
-        problems.append(f"--expert-tensor-parallel-size 1 needs TP ({tp}) and EP ({ep}) to divide one another.")
-    if o.moe_tp_extend_ep and c.n_routed_experts % (ep * tp):
-        problems.append(f"--moe-tp-extend-ep: EP x TP = {ep * tp} does not divide n_routed_experts = "
-                        f"{c.n_routed_experts}.")
-    if o.mtp_num_layers < 0 or o.mtp_num_layers > c.num_nextn_predict_layers:
-        problems.append(f"--mtp-num-layers {o.mtp_num_layers}: the checkpoint has {c.num_nextn_predict_layers} "
-                        f"MTP layer(s) (num_nextn_predict_layers in config.json). Pass at most that.")
-    divisible = [
-        ("num_attention_heads", c.num_attention_heads, tp, "--target-tensor-parallel-size"),
-        ("vocab_size", c.vocab_size, tp, "--target-tensor-parallel-size"),
-        ("intermediate_size", c.intermediate_size, tp, "--target-tensor-parallel-size"),
-        ("moe_intermediate_size", c.moe_intermediate_size,
-         1 if (o.moe_tp_extend_ep or o.expert_tensor_parallel_size == 1) else tp, "--target-tensor-parallel-size"),
-        ("moe_intermediate_size * n_shared_experts", c.shared_ffn, tp, "--target-tensor-parallel-size"),
-        ("n_routed_experts", c.n_routed_experts, ep, "--target-expert-parallel-size"),
-    ]
-    if o.mtp_num_layers:  # eh_proj is the one tensor split along the hidden size
-        divisible.append(("hidden_size", c.hidden_size, tp, "--target-tensor-parallel-size"))
-    for field, value, size, flag in divisible:
-        if value % size:
-            problems.append(f"{flag} {size} does not divide {field} = {value}. Choose a size that divides it.")
-    if problems:
-        raise ValidationError(problems)
-    return real, first_k
-
-
-def build_rank_tensors(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions,
-                       src: SourceTensors) -> dict[RankFile, list[TargetTensor]]:
-    """Every rank file's ordered state dict, as nodes over ``src`` (spec §3, §4)."""
-    p = _placement(c, sizes, o)
-    out: dict[RankFile, list[TargetTensor]] = {}
-    for r in p.ranks:
-        t = r.tp_rank
-        tensors: list[TargetTensor] = []
-        for group in p.layout.groups():
-            chunk = (r.pp_rank, group)
-            items: list[tuple[str, Node]] = []
-            if chunk == p.first:
-                items.append(("embedding.word_embeddings.weight",
-                              apply_split(Split.COLUMN, [src.get("model.embed_tokens.weight")], sizes.tp, t)))
-            for local, hf in p.by_chunk[chunk]:
-                items += _layer(c, sizes, o, src, r, f"decoder.layers.{local}.", f"model.layers.{hf}.",
-                                dense=hf < p.first_k)
-            if chunk == p.last:
-                items.append((p.final_norm, src.get("model.norm.weight")))
-                items.append(("output_layer.weight",
-                              apply_split(Split.COLUMN, [src.get("lm_head.weight")], sizes.tp, t)))
-                for m in range(o.mtp_num_layers):
-                    items += _mtp(c, sizes, o, src, r, m)
-            tensors += [TargetTensor(group, name, node) for name, node in items]
-        out[r] = tensors
-    _declare_dropped(c, sizes, o, src, p.hf_layers)
-    return out
-
-
-@dataclass(frozen=True)
-class _Placement:
-    """Where everything goes for one (config, sizes, options): shared by both directions."""
-
-    layout: PipelineLayout
-    ranks: list[RankFile]
-    hf_layers: list[int]                                   # HF layer of each real slot, in slot order
-    by_chunk: dict[tuple[int, str], list[tuple[int, int]]]  # (pp, group) -> [(local index, HF layer)]
-    first: tuple[int, str]                                 # chunk holding the embedding
-    last: tuple[int, str]                                  # chunk holding final norm, output layer, MTP
-    first_k: int
-    final_norm: str
-
-
-def _placement(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> _Placement:
-    real, first_k = validate(c, sizes, o)
-    layout = pipeline_layout(c, sizes, o)
-    hf_layers = hf_layer_list(c, real, first_k)
-    by_chunk: dict[tuple[int, str], list[tuple[int, int]]] = defaultdict(list)
-    for i, slot in enumerate(place_slots(layout)):
-        by_chunk[(slot.pp_rank, slot.group)].append((slot.local, hf_layers[i]))
-    ranks = etp1_rank_files(sizes) if o.expert_tensor_parallel_size == 1 else rank_files(sizes)
-    final_norm = "final_layernorm.weight" if o.mtp_num_layers else "decoder.final_layernorm.weight"
-    return _Placement(layout, ranks, hf_layers, by_chunk, layout.first_chunk(), layout.last_chunk(), first_k,
-                      final_norm)
-
-
-def _mtp(c, sizes, o, src: SourceTensors, r: RankFile, m: int) -> list[tuple[str, Node]]:
-    """MTP module m (HF layer num_hidden_layers + m), on the chunk of the final norm (spec §3.7)."""
-    t = r.tp_rank
-    hf_prefix = f"model.layers.{c.num_hidden_layers + m}."
-    items = []
-    if sizes.pp > 1:  # the MTP stage needs its own copy of the embedding
-        items.append(("embedding.word_embeddings.weight", apply_split(
-            Split.COLUMN, [src.get(hf_prefix + "embed_tokens.weight")], sizes.tp, t)))
-    items += _table(MTP_EXTRA, src, sizes.tp, t, f"mtp.layers.{m}.", hf_prefix)
-    items.append((f"mtp.final_layernorms.{m}.weight", src.get(hf_prefix + "shared_head.norm.weight")))
-    items += _layer(c, sizes, o, src, r, f"mtp.layers.{m}.transformer_layer.", hf_prefix, dense=False)
-    return items
-
-
-def _table(rows, src: SourceTensors, tp: int, t: int, prefix: str, hf_prefix: str) -> list[tuple[str, Node]]:
-    return [(prefix + target, apply_split(split, [src.get(hf_prefix + s) for s in sources], tp, t))
-            for target, sources, split in rows]
-
-
-def _layer(c, sizes, o, src, r: RankFile, prefix: str, hf_prefix: str, dense: bool) -> list[tuple[str, Node]]:
-    t, tp = r.tp_rank, sizes.tp
-    items = _table(ATTENTION, src, tp, t, prefix, hf_prefix)
-    if o.mla_mm_split:
-        for target, source, parts, index in MLA_MM_SPLIT:
-            whole = head_part(src.get(hf_prefix + source), c.num_attention_heads,
-                              tuple(getattr(c, f) for f in parts), index)
-            items.append((prefix + target, apply_split(Split.COLUMN, [whole], tp, t)))
-    else:
-        items += _table(ATTENTION_UP, src, tp, t, prefix, hf_prefix)
-    items += _table(ATTENTION_OUT, src, tp, t, prefix, hf_prefix)
-    if o.mla_key_names == "legacy":
-        items = [(_legacy(name, prefix), node) for name, node in items]
-    if dense:
-        return items + _table(DENSE_MLP, src, tp, t, prefix, hf_prefix)
-    items += _table(MOE_MLP, src, tp, t, prefix, hf_prefix)
-    experts, tpe, te = _expert_slice(c, sizes, o, r)
-
-    def piece(rule, j):
-        names, split = rule
-        return apply_split(split, [src.get(hf_prefix + n.format(j=j)) for n in names], tpe, te)
-
-    if o.moe_grouped_gemm:
-        items.append((prefix + "mlp.experts.weight1", grouped_weight1([piece(EXPERT_FC1, j) for j in experts])))
-        items.append((prefix + "mlp.experts.weight2", grouped_weight2([piece(EXPERT_FC2, j) for j in experts])))
-    else:
-        for q, j in enumerate(experts):
-            base = f"{prefix}mlp.experts.local_experts.{q}."
-            items.append((base + "linear_fc1.weight", piece(EXPERT_FC1, j)))
-            items.append((base + "linear_fc2.weight", piece(EXPERT_FC2, j)))
-    return items
-
-
-def _legacy(name: str, prefix: str) -> str:
-    suffix = name[len(prefix):]
-    return prefix + LEGACY_MLA_NAMES.get(suffix, suffix)
-
-
-def _expert_slice(c, sizes: ParallelSizes, o: McoreOptions, r: RankFile) -> tuple[range, int, int]:
-    """(global experts of rank r, expert-TP size, expert-TP rank), spec §3.6 and §4.7."""
-    if o.moe_tp_extend_ep:  # TP becomes extra EP: bucket e*TP + t of E/(EP*TP) whole experts
-        bucket = r.ep_rank * sizes.tp + r.tp_rank
-        return expert_range(bucket, sizes.ep * sizes.tp, c.n_routed_experts), 1, 0
-    if o.expert_tensor_parallel_size == 1:  # whole experts by EP rank
-        return expert_range(r.ep_rank, sizes.ep, c.n_routed_experts), 1, 0
-    return expert_range(r.ep_rank, sizes.ep, c.n_routed_experts), sizes.tp, r.tp_rank
-
-
-def _declare_dropped(c, sizes, o, src: SourceTensors, hf_layers: list[int]) -> None:
-    """Source tensors deliberately not converted, with the reason (coverage accounting, spec §3.8)."""
-    used = set(hf_layers)
-    for i in range(c.num_hidden_layers):
-        if i not in used:
-            why = ("--first-k-dense-replace skips this dense layer" if i < c.first_k_dense_replace
-                   else "beyond --num-layers")
-            for name in _layer_shapes(c, dense=i < c.first_k_dense_replace):
-                src.drop(f"model.layers.{i}.{name}", why)
-    for m in range(c.num_nextn_predict_layers):
-        prefix = f"model.layers.{c.num_hidden_layers + m}."
-        if m >= o.mtp_num_layers:
-            for name in list(_layer_shapes(c, dense=False)) + list(_mtp_extra_shapes(c)):
-                src.drop(prefix + name, f"MTP layer {m} not requested (--mtp-num-layers {o.mtp_num_layers})")
-            continue
-        src.drop(prefix + "shared_head.head.weight", "copy of lm_head; MTP uses output_layer (spec §3.7)")
-        if sizes.pp == 1:
-            src.drop(prefix + "embed_tokens.weight", "copy of model.embed_tokens; with PP 1 the MTP shares "
-                                                     "the stage's embedding (spec §3.7)")
-
-
-# --- the reverse: mcore -> HF (spec §7), the same tables read backwards ---------------------------------------------
-
-class RankTensors(Protocol):
-    """What the reverse mapping needs from an mcore checkpoint: one rank file's tensor as a graph node."""
-
-    def get(self, rank: RankFile, group: str, name: str) -> Node:
-        ...
-
-
-def output_hf_config(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions) -> dict[str, int]:
-    """The config.json fields that describe the HF checkpoint mcore -> HF writes (the layers it holds).
-
-    Layers are renumbered densely: output layer i is the i-th real slot, so a checkpoint converted with
-    ``--num-layers`` or a lower ``--first-k-dense-replace`` comes back as a smaller, valid model."""
-    return _output_fields(_placement(c, sizes, o), o)
-
-
-def _output_fields(p: "_Placement", o: McoreOptions) -> dict[str, int]:
-    return {"num_hidden_layers": len(p.hf_layers), "first_k_dense_replace": p.first_k,
-            "num_nextn_predict_layers": o.mtp_num_layers}
-
-
-def build_hf_tensors(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions,
-                     src: RankTensors) -> dict[str, Node]:
-    """Every HF tensor of the checkpoint the mcore layout holds, in HF order, as nodes over ``src``.
-
-    The exact inverse of :func:`build_rank_tensors`: every rule is undone by its ``merge_*`` counterpart
-    (:mod:`streamconv.mapping.rules`).  Tensors held by several rank files (replicas across TP or EP) are
-    read from the first file that holds them; the planner can check the other copies."""
-    p = _placement(c, sizes, o)
-    holder: dict[tuple[int, int], RankFile] = {}  # (pp, tp) -> first rank file of that stage and TP rank
-    for r in p.ranks:
-        holder.setdefault((r.pp_rank, r.tp_rank), r)
-    slot_of = {hf: (pp, group, local) for (pp, group), items in p.by_chunk.items() for local, hf in items}
-
-    def pieces(chunk: tuple[int, str], name: str) -> list[Node]:
-        pp, group = chunk
-        return [src.get(holder[(pp, t)], group, name) for t in range(sizes.tp)]
-
-    out: dict[str, Node] = {}
-    (out["model.embed_tokens.weight"],) = merge_split(Split.COLUMN, pieces(p.first, "embedding.word_embeddings.weight"))
-    for i, hf in enumerate(p.hf_layers):
-        pp, group, local = slot_of[hf]
-        out.update(_unlayer(c, sizes, o, src, p, (pp, group), pieces, f"decoder.layers.{local}.",
-                            f"model.layers.{i}.", dense=hf < p.first_k))
-    (out["model.norm.weight"],) = merge_split(Split.REPLICATED, pieces(p.last, p.final_norm))
-    (out["lm_head.weight"],) = merge_split(Split.COLUMN, pieces(p.last, "output_layer.weight"))
-    for m in range(o.mtp_num_layers):
-        hf_prefix = f"model.layers.{len(p.hf_layers) + m}."
-        prefix = f"mtp.layers.{m}."
-        out.update(_unlayer(c, sizes, o, src, p, p.last, pieces, prefix + "transformer_layer.", hf_prefix,
-                            dense=False))
-        if sizes.pp > 1:  # the MTP stage's own copy of the embedding
-            (out[hf_prefix + "embed_tokens.weight"],) = merge_split(
-                Split.COLUMN, pieces(p.last, "embedding.word_embeddings.weight"))
-        else:             # PP 1: the MTP module shares the stage's embedding
-            out[hf_prefix + "embed_tokens.weight"] = out["model.embed_tokens.weight"]
-        for target, sources, split in MTP_EXTRA:
-            out.update(zip([hf_prefix + s for s in sources], merge_split(split, pieces(p.last, prefix + target))))
-        (out[hf_prefix + "shared_head.norm.weight"],) = merge_split(
-            Split.REPLICATED, pieces(p.last, f"mtp.final_layernorms.{m}.weight"))
-        out[hf_prefix + "shared_head.head.weight"] = out["lm_head.weight"]  # DeepSeek stores lm_head again
-    order = {name: k for k, name in enumerate(hf_tensor_shapes(dataclasses.replace(c, **_output_fields(p, o))))}
-    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
-
-
-def _unlayer(c, sizes, o, src: RankTensors, p: _Placement, chunk: tuple[int, str], pieces, prefix: str,
-             hf_prefix: str, dense: bool) -> dict[str, Node]:
-    """Inverse of :func:`_layer`: one transformer layer's HF tensors from the rank files of ``chunk``;
-    ``pieces(chunk, name)`` gives each TP rank's copy of a non-expert tensor."""
-    pp, group = chunk
-    shapes = _layer_shapes(c, dense)
-
-    def name_of(suffix: str) -> str:
-        return prefix + (LEGACY_MLA_NAMES.get(suffix, suffix) if o.mla_key_names == "legacy" else suffix)
-
-    def untable(rows) -> dict[str, Node]:
-        got = {}
-        for target, sources, split in rows:
-            merged = merge_split(split, pieces(chunk, name_of(target)), tuple(shapes[s][0] for s in sources))
-            got.update(zip([hf_prefix + s for s in sources], merged))
-        return got
-
-    out = untable(ATTENTION)
-    if o.mla_mm_split:
-        by_source: dict[str, list] = defaultdict(list)
-        for target, source, parts, index in MLA_MM_SPLIT:
-            by_source[source].append(merge_split(Split.COLUMN, pieces(chunk, name_of(target)))[0])  # index order
-        for source, parts in by_source.items():
-            out[hf_prefix + source] = merge_head_parts(parts, c.num_attention_heads)
-    else:
-        out.update(untable(ATTENTION_UP))
-    out.update(untable(ATTENTION_OUT))
-    if dense:
-        out.update(untable(DENSE_MLP))
+    def relations(self, c) -> list[tuple[str, str]]:
+        out = []
+        if c.first_k_dense_replace > c.num_hidden_layers:
+            out.append(("first_k_dense_replace", f"expected at most num_hidden_layers ({c.num_hidden_layers}, got "
+                                                 f"{c.first_k_dense_replace}). Lower first_k_dense_replace or "
+                                                 f"raise num_hidden_layers."))
+        if c.qk_rope_head_dim % 2:
+            out.append(("qk_rope_head_dim", f"expected an even number (rotary pairs), got {c.qk_rope_head_dim}."))
         return out
-    out.update(untable(MOE_MLP))
 
-    fc1: dict[int, dict[int, Node]] = defaultdict(dict)  # expert -> expert-TP rank -> piece
-    fc2: dict[int, dict[int, Node]] = defaultdict(dict)
-    for r in p.ranks:
-        if r.pp_rank != pp:
-            continue
-        experts, tpe, te = _expert_slice(c, sizes, o, r)
-        if o.moe_grouped_gemm:
-            w1 = ungroup_weight1(src.get(r, group, prefix + "mlp.experts.weight1"), len(experts))
-            w2 = ungroup_weight2(src.get(r, group, prefix + "mlp.experts.weight2"), len(experts))
+    # --- HF side (spec §1.3) ---------------------------------------------------------------------------------
+    def attention_tensors(self, c) -> list[HFTensor]:
+        h, nh = c.hidden_size, c.num_attention_heads
+        return [
+            HFTensor("self_attn.q_a_proj.weight", (c.q_lora_rank, h), K.LINEAR),
+            HFTensor("self_attn.q_a_layernorm.weight", (c.q_lora_rank,), K.NORM),
+            HFTensor("self_attn.q_b_proj.weight", (nh * (c.qk_nope_head_dim + c.qk_rope_head_dim), c.q_lora_rank),
+                     K.LINEAR),
+            HFTensor("self_attn.kv_a_proj_with_mqa.weight", (c.kv_lora_rank + c.qk_rope_head_dim, h), K.LINEAR),
+            HFTensor("self_attn.kv_a_layernorm.weight", (c.kv_lora_rank,), K.NORM),
+            HFTensor("self_attn.kv_b_proj.weight", (nh * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
+                     K.LINEAR),
+            HFTensor("self_attn.o_proj.weight", (h, nh * c.v_head_dim), K.LINEAR),
+        ]
+
+    def layer_tensors(self, c, layer: int) -> list[HFTensor]:
+        h, v = c.hidden_size, c.vocab_size
+        mtp = layer >= c.num_hidden_layers
+        out = []
+        if mtp:
+            out += [HFTensor("embed_tokens.weight", (v, h), K.PLAIN, copy_of=self.embedding),
+                    HFTensor("enorm.weight", (h,), K.NORM), HFTensor("hnorm.weight", (h,), K.NORM),
+                    HFTensor("eh_proj.weight", (h, 2 * h), K.PLAIN)]
+        out.append(HFTensor("input_layernorm.weight", (h,), K.NORM))
+        out += self.attention_tensors(c)
+        out.append(HFTensor("post_attention_layernorm.weight", (h,), K.NORM))
+        if layer < c.first_k_dense_replace:
+            out += _mlp("mlp.", c.intermediate_size, h)
         else:
-            base = prefix + "mlp.experts.local_experts.{q}."
-            w1 = [src.get(r, group, base.format(q=q) + "linear_fc1.weight") for q in range(len(experts))]
-            w2 = [src.get(r, group, base.format(q=q) + "linear_fc2.weight") for q in range(len(experts))]
-        for q, j in enumerate(experts):  # several files can hold the same slice (ETP 1): keep the first
-            fc1[j].setdefault(te, w1[q])
-            fc2[j].setdefault(te, w2[q])
-    for j in range(c.n_routed_experts):
-        tpe = len(fc1[j])
-        names, split = EXPERT_FC1
-        out.update(zip([hf_prefix + n.format(j=j) for n in names],
-                       merge_split(split, [fc1[j][t] for t in range(tpe)])))
-        names, split = EXPERT_FC2
-        out.update(zip([hf_prefix + n.format(j=j) for n in names],
-                       merge_split(split, [fc2[j][t] for t in range(tpe)])))
-    return out
+            out += [HFTensor("mlp.gate.weight", (c.n_routed_experts, h), K.PLAIN),
+                    HFTensor("mlp.gate.e_score_correction_bias", (c.n_routed_experts,), K.BIAS)]
+            if c.n_shared_experts:
+                out += _mlp("mlp.shared_experts.", c.shared_ffn, h)
+            for j in range(c.n_routed_experts):
+                out += _mlp(f"mlp.experts.{j}.", c.moe_intermediate_size, h)
+        if mtp:
+            out += [HFTensor("shared_head.norm.weight", (h,), K.NORM),
+                    HFTensor("shared_head.head.weight", (v, h), K.PLAIN, copy_of=self.lm_head)]
+        return out
+
+    # --- mcore side (spec §3) --------------------------------------------------------------------------------
+    def attention_rows(self, c, o: McoreOptions) -> list[Row]:
+        if not o.mla_mm_split:
+            return ATTENTION + ATTENTION_UP
+        nh, dn = c.num_attention_heads, c.qk_nope_head_dim
+        return ATTENTION + [  # per head [nope | rope] and [nope | v], each part split by whole heads (§3.4)
+            Row(("self_attention.linear_qk_nope.weight", "self_attention.linear_qk_rope.weight"),
+                ("self_attn.q_b_proj.weight",), Split.HEAD_PARTS, nh, (dn, c.qk_rope_head_dim)),
+            Row(("self_attention.linear_kv_nope.weight", "self_attention.linear_v.weight"),
+                ("self_attn.kv_b_proj.weight",), Split.HEAD_PARTS, nh, (dn, c.v_head_dim)),
+        ]
+
+    def layer_rows(self, c, dense: bool, o: McoreOptions) -> list[Row]:
+        rows = self.attention_rows(c, o) + ATTENTION_OUT
+        if dense:
+            return rows + DENSE_MLP
+        return rows + ROUTER + (SHARED_EXPERTS if c.n_shared_experts else [])
+
+    def mtp_rows(self, c) -> list[Row]:
+        return MTP_EXTRA
+
+    def divisible(self, c, sizes, o: McoreOptions) -> list[Divisible]:
+        tp = sizes.tp
+        out = [Divisible("num_attention_heads", c.num_attention_heads, tp),
+               Divisible("vocab_size", c.vocab_size, tp),
+               Divisible("intermediate_size", c.intermediate_size, tp),
+               Divisible("moe_intermediate_size", c.moe_intermediate_size, expert_tp_size(sizes, o)),
+               Divisible("moe_intermediate_size * n_shared_experts", c.shared_ffn, tp),
+               Divisible("n_routed_experts", c.n_routed_experts, sizes.ep, EP_FLAG)]
+        if o.mtp_num_layers:  # eh_proj is the one tensor split along the hidden size
+            out.append(Divisible("hidden_size", c.hidden_size, tp, TP_FLAG))
+        return out
+
+    # --- sizes ----------------------------------------------------------------------------------------------
+    def resized(self, c, **kw):
+        names = {"first_dense": "first_k_dense_replace", "mtp_layers": "num_nextn_predict_layers",
+                 "num_experts": "n_routed_experts"}
+        return replace(c, **{names.get(k, k): v for k, v in kw.items()})
+
+    def layer_fields(self, c) -> dict[str, int]:
+        return {"num_hidden_layers": c.num_hidden_layers, "first_k_dense_replace": c.first_k_dense_replace,
+                "num_nextn_predict_layers": c.num_nextn_predict_layers}
+
+    def config_json(self, c) -> dict:
+        """config.json in the release's style (keys sorted), scaled for small expert counts."""
+        n_group = max([d for d in range(1, 9) if c.n_routed_experts % d == 0 and c.n_routed_experts // d >= 2],
+                      default=1)  # HF's noaux_tc router scores a group by its top-2 experts
+        topk_group = max(1, n_group // 2)
+        out = {
+            "architectures": [self.architecture], "attention_bias": False, "attention_dropout": 0.0,
+            "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1,
+            "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 163840,
+            "model_type": self.model_types[0], "moe_layer_freq": 1, "n_group": n_group, "norm_topk_prob": True,
+            "num_experts_per_tok": min(8, topk_group * (c.n_routed_experts // n_group)),
+            "num_key_value_heads": c.num_attention_heads, "pretraining_tp": 1, "rms_norm_eps": 1e-06,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "original_max_position_embeddings": 4096, "type": "yarn"},
+            "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+            "tie_word_embeddings": False, "topk_group": topk_group, "topk_method": "noaux_tc",
+            "torch_dtype": "bfloat16", "transformers_version": "4.46.3", "use_cache": True,
+        }
+        out.update({f.name: getattr(c, f.name) for f in fields(self.config_class) if f.name != "fp8"})
+        if c.fp8:
+            out["quantization_config"] = FP8_BLOCK_128.config_dict
+        return dict(sorted(out.items()))
 
 
-def output_to_source_layer(c: DeepSeekV3Config, sizes: ParallelSizes, o: McoreOptions):
-    """``name -> name``: an output HF tensor's name in the HF checkpoint the mcore one was converted from
-    (output layers are renumbered densely, see :func:`output_hf_config`)."""
-    p = _placement(c, sizes, o)
-    source = list(p.hf_layers) + [c.num_hidden_layers + m for m in range(o.mtp_num_layers)]
+def _mlp(prefix: str, width: int, h: int) -> list[HFTensor]:
+    return [HFTensor(prefix + "gate_proj.weight", (width, h), K.LINEAR),
+            HFTensor(prefix + "up_proj.weight", (width, h), K.LINEAR),
+            HFTensor(prefix + "down_proj.weight", (h, width), K.LINEAR)]
 
-    def rename(name: str) -> str:
-        parts = name.split(".")
-        if name.startswith("model.layers."):
-            parts[2] = str(source[int(parts[2])])
-        return ".".join(parts)
 
-    return rename
+# A small DeepSeek-V3-shaped model for tests (~2.6 MB in bf16).  hidden 192 and the dense width 320 are not
+# multiples of 128, so FP8 edge blocks occur in every linear; q_b (192 rows), o_proj, dense and expert weights
+# span several blocks.  Heads, experts, vocab and both FFN widths divide by 4 (TP and EP up to 4).
+TINY = DeepSeekV3Config(
+    hidden_size=192, num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+    num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+    v_head_dim=32, intermediate_size=320, moe_intermediate_size=32, vocab_size=256, num_nextn_predict_layers=1,
+)
+# The real DeepSeek-V3 / R1 sizes (spec §1.1), in the FP8 release format.
+DEEPSEEK_V3_671B = DeepSeekV3Config(
+    hidden_size=7168, num_hidden_layers=61, first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1,
+    num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    v_head_dim=128, intermediate_size=18432, moe_intermediate_size=2048, vocab_size=129280,
+    num_nextn_predict_layers=1, fp8=True,
+)
+
+DeepSeekV3.presets = {"tiny": TINY, "671b": DEEPSEEK_V3_671B}
+SPEC = register_model(DeepSeekV3())

@@ -16,19 +16,17 @@ from dataclasses import asdict, dataclass
 
 from ..errors import ValidationError
 from ..graph.node import Node, fp8_block_scale, quant_fp8_block, read
+from ..layout.options import McoreOptions
 from ..layout.parallel import ParallelSizes
-from ..models import deepseek_v3 as dsv3
+from ..mapping.assemble import build_hf_tensors, build_rank_tensors, output_config, output_to_source_layer
+from ..mapping.spec import ModelSpec
+from ..models import model_for_config
 from .mcore_source import McoreSource
 from .plan import OutputFile, OutputTensor, Plan, ReplicaCheck, SourceFile
-from .sources import FP8_DTYPES, INDEX_NAME, SCALE_SUFFIX, HFSource
+from .sources import INDEX_NAME, HFSource
 
 RECORD = "streamconv_source.json"   # written by hf2mcore next to the tracker: HF config and layout
 CONFIG = "config.json"
-FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                    "weight_block_size": [128, 128]}
-# Small files of an HF model directory that make the output load as is (copied from --hf-config).
-COMPANIONS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "configuration_deepseek.py", "modeling_deepseek.py")
 COMPANION_LIMIT = 64 << 20
 AUTO_VERIFY_BYTES = 8 << 30         # --verify-replicas defaults on when the extra copies are at most this
 
@@ -39,7 +37,7 @@ class ExportOptions:
 
     max_shard_size: int | None = None    # bytes; None: one file per layer (as MindSpeed's converter does)
     verify_replicas: bool | None = None  # None: on when the replica copies total at most AUTO_VERIFY_BYTES
-    fp8_export: bool = False             # re-quantize linear weights to DeepSeek's 128x128 FP8 block format
+    fp8_export: bool = False             # re-quantize linear weights to the family's block FP8 release format
     fp8_scales_from: str | None = None   # the original FP8 release: reuse its scales (exact round trip)
 
 
@@ -56,37 +54,44 @@ def read_record(load_dir: str) -> dict:
         raise ValidationError(f"{path}: not valid JSON. Delete it and pass --hf-config and the layout flags.") from None
 
 
-def record_text(hf_config: dict, sizes: ParallelSizes, options: dsv3.McoreOptions) -> str:
+def record_text(hf_config: dict, sizes: ParallelSizes, options: McoreOptions) -> str:
     """The record hf2mcore writes: the HF config and the layout, so mcore2hf needs no flags for our outputs."""
     return json.dumps({"hf_config": hf_config, "layout": {"sizes": asdict(sizes), "options": asdict(options)}},
                       indent=2, sort_keys=True) + "\n"
 
 
-def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options: dsv3.McoreOptions,
+def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options: McoreOptions,
                      export: ExportOptions = ExportOptions(), *, hf_config_dir: str | None = None,
-                     iteration: str | None = None) -> Plan:
-    """Compile an mcore (legacy torch format) -> HF safetensors plan."""
-    cfg_json, companions = _hf_config(load_dir, hf_config_dir)
-    cfg = dsv3.DeepSeekV3Config.from_json(cfg_json, path=_config_origin(load_dir, hf_config_dir))
+                     iteration: str | None = None, model_type_hf: str | None = None) -> Plan:
+    """Compile an mcore (legacy torch format) -> HF safetensors plan.  The model family comes from the HF
+    config's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given)."""
+    origin = _config_origin(load_dir, hf_config_dir)
+    cfg_json = _hf_config(load_dir, hf_config_dir)
+    spec = model_for_config(cfg_json, origin, model_type_hf=model_type_hf)
+    cfg = spec.parse_config(cfg_json, origin)
+    companions = _companions(spec, hf_config_dir)
     if export.fp8_scales_from and not export.fp8_export:
         raise ValidationError("--fp8-scales-from needs --fp8-export (the scales are for re-quantizing).")
-    expected, replicas = _expected_layout(cfg, sizes, options)
+    if export.fp8_export and spec.quant is None:
+        raise ValidationError(f"--fp8-export: {spec.title} has no block FP8 release format; drop the flag.")
+    expected, replicas = _expected_layout(spec, cfg, sizes, options)
     src = McoreSource(load_dir, sizes, list(expected), iteration)
     src.check(expected)
-    tensors = dsv3.build_hf_tensors(cfg, sizes, options, src)
-    out_fields = dsv3.output_hf_config(cfg, sizes, options)
+    tensors = build_hf_tensors(spec, cfg, sizes, options, src)
+    out_cfg, out_fields = output_config(spec, cfg, sizes, options)
 
     source_files = list(src.files)
     if export.fp8_export:
-        tensors, scale_files = _fp8_export(cfg, sizes, options, tensors, load_dir, export.fp8_scales_from)
+        tensors, scale_files = _fp8_export(spec, cfg, out_cfg, sizes, options, tensors, load_dir,
+                                           export.fp8_scales_from)
         source_files += scale_files
     checks = _replica_checks(src, replicas, export.verify_replicas)
 
-    files = _shards(out_fields, tensors, export.max_shard_size)
+    files = _shards(spec, out_fields, tensors, export.max_shard_size)
     weight_map = {t.name: f.path for f in files for t in f.tensors}
     total = sum(t.nbytes for f in files for t in f.tensors)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    files.append(OutputFile(CONFIG, "text", text=_output_config(cfg_json, out_fields, export.fp8_export)))
+    files.append(OutputFile(CONFIG, "text", text=_output_config(spec, cfg_json, out_fields, export.fp8_export)))
     files += [OutputFile(name, "text", text=text) for name, text in companions]
     files.append(OutputFile(INDEX_NAME, "text", text=json.dumps(index, indent=2) + "\n"))  # last: marks it done
 
@@ -98,7 +103,7 @@ def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         files=tuple(files),
         options=json.loads(json.dumps({"source": asdict(sizes), "model": asdict(options),
                                        "export": asdict(export), "iteration": src.iteration,
-                                       "model_type": dsv3.MODEL_TYPE})),
+                                       "model_type": spec.name})),
         checks=checks,
     )
 
@@ -109,14 +114,14 @@ def _config_origin(load_dir: str, hf_config_dir: str | None) -> str:
     return os.path.join(hf_config_dir, CONFIG) if hf_config_dir else os.path.join(load_dir, RECORD)
 
 
-def _hf_config(load_dir: str, hf_config_dir: str | None) -> tuple[dict, list[tuple[str, str]]]:
-    """config.json (from --hf-config, else the hf2mcore record) and the companion files to copy."""
+def _hf_config(load_dir: str, hf_config_dir: str | None) -> dict:
+    """config.json: from --hf-config, else the hf2mcore record."""
     if hf_config_dir is None:
         cfg = read_record(load_dir).get("hf_config")
         if not isinstance(cfg, dict):
             raise ValidationError(f"{load_dir}: no {RECORD} (the checkpoint was not converted by streamconv). Pass "
                                   f"--hf-config DIR, the HF model directory holding its config.json.")
-        return cfg, []
+        return cfg
     path = os.path.join(hf_config_dir, CONFIG)
     try:
         with open(path, "rb") as f:
@@ -127,8 +132,13 @@ def _hf_config(load_dir: str, hf_config_dir: str | None) -> tuple[dict, list[tup
         raise ValidationError(f"{path}: not valid JSON ({exc}).") from None
     if not isinstance(cfg, dict):
         raise ValidationError(f"{path}: not a JSON object.")
+    return cfg
+
+
+def _companions(spec: ModelSpec, hf_config_dir: str | None) -> list[tuple[str, str]]:
+    """The family's companion files (tokenizer, generation config, modeling code) found in --hf-config."""
     companions = []
-    for name in COMPANIONS:
+    for name in spec.companions if hf_config_dir else ():
         p = os.path.join(hf_config_dir, name)
         if os.path.isfile(p) and os.path.getsize(p) <= COMPANION_LIMIT:
             try:
@@ -136,15 +146,15 @@ def _hf_config(load_dir: str, hf_config_dir: str | None) -> tuple[dict, list[tup
                     companions.append((name, f.read()))
             except UnicodeDecodeError:
                 raise ValidationError(f"{p}: not UTF-8 text; remove it from --hf-config or fix it.") from None
-    return cfg, companions
+    return companions
 
 
-def _output_config(cfg_json: dict, fields: dict, fp8: bool) -> str:
+def _output_config(spec: ModelSpec, cfg_json: dict, fields: dict, fp8: bool) -> str:
     """config.json of the output: the layers it holds, and quantization_config only when the weights are FP8."""
     out = dict(cfg_json)
     out.update(fields)
     if fp8:
-        out["quantization_config"] = cfg_json.get("quantization_config") or dict(FP8_QUANTIZATION)
+        out["quantization_config"] = cfg_json.get("quantization_config") or spec.quant.config_dict
     else:
         out.pop("quantization_config", None)
     return json.dumps(out, indent=2) + "\n"
@@ -155,23 +165,23 @@ def _output_config(cfg_json: dict, fields: dict, fp8: bool) -> str:
 class _ShapeSource:
     """HF tensors as reads of a placeholder file: enough for the forward tables to say what every rank holds."""
 
-    def __init__(self, cfg: dsv3.DeepSeekV3Config):
-        self.shapes = dsv3.hf_tensor_shapes(cfg)
+    def __init__(self, spec: ModelSpec, cfg):
+        self.table = spec.hf_table(cfg)
 
     def get(self, name: str) -> Node:
-        dtype = "float32" if name.endswith("e_score_correction_bias") else "bfloat16"
-        return read("<hf>", name, dtype, self.shapes[name], offset=0)
+        t = self.table[name]
+        return read("<hf>", name, t.dtype, t.shape, offset=0)
 
     def has(self, name: str) -> bool:
-        return name in self.shapes
+        return name in self.table
 
     def drop(self, name: str, reason: str) -> None:
         pass
 
 
-def _expected_layout(cfg, sizes, options):
+def _expected_layout(spec: ModelSpec, cfg, sizes, options):
     """Per rank file, ``(group, name) -> shape``; and the groups of copies of one value (replicas)."""
-    per_rank = dsv3.build_rank_tensors(cfg, sizes, options, _ShapeSource(cfg))
+    per_rank = build_rank_tensors(spec, cfg, sizes, options, _ShapeSource(spec, cfg))
     expected = {r: {(t.group, t.name): tuple(t.node.shape) for t in ts} for r, ts in per_rank.items()}
     copies = defaultdict(list)
     for r, ts in per_rank.items():
@@ -194,45 +204,46 @@ def _replica_checks(src: McoreSource, replicas, verify: bool | None) -> tuple[Re
 
 # --- FP8 export --------------------------------------------------------------------------------------------------------
 
-def _fp8_export(cfg, sizes, options, tensors: dict[str, Node], load_dir: str, scales_from: str | None
-                ) -> tuple[dict[str, Node], list[SourceFile]]:
-    """Linear weights re-quantized to 128x128-block FP8 with their ``_scale_inv`` right after them."""
+def _fp8_export(spec: ModelSpec, cfg, out_cfg, sizes, options, tensors: dict[str, Node], load_dir: str,
+                scales_from: str | None) -> tuple[dict[str, Node], list[SourceFile]]:
+    """Linear weights re-quantized to the family's block FP8 format with their scales right after them."""
+    q = spec.quant
     original = None
     files: list[SourceFile] = []
-    rename = dsv3.output_to_source_layer(cfg, sizes, options)
+    rename = output_to_source_layer(spec, cfg, sizes, options)
     if scales_from:
-        original = HFSource(scales_from)
+        original = HFSource(scales_from, q)
         rel = os.path.relpath(original.root, os.path.abspath(load_dir))
         for f in original.files:
             files.append(SourceFile(f"{rel}/{f.name}", f.size, f.header_sha256))
     out: dict[str, Node] = {}
     problems = []
     for name, node in tensors.items():
-        if not dsv3.is_fp8_weight(name):
+        if not spec.is_quantized(out_cfg, name):
             out[name] = node
             continue
         if original is None:
-            scale = fp8_block_scale(node)
+            scale = fp8_block_scale(node, block=q.block)
         else:
-            src_name = rename(name) + SCALE_SUFFIX
-            want = (-(-node.shape[0] // 128), -(-node.shape[1] // 128))
+            src_name = rename(name) + q.scale_suffix
+            want = q.scale_shape(node.shape)
             if not original.has(src_name):
                 problems.append(f"{os.path.join(original.root, INDEX_NAME)}: no {src_name}. --fp8-scales-from must be "
                                 f"the FP8 release this checkpoint was converted from.")
                 continue
             info = original.info(src_name)
             weight = original.info(rename(name))
-            if tuple(info.shape) != want or info.dtype != "float32" or weight.dtype not in FP8_DTYPES:
+            if tuple(info.shape) != want or info.dtype != "float32" or weight.dtype not in q.dtypes:
                 problems.append(f"{src_name}: {info.dtype}{list(info.shape)} in --fp8-scales-from does not fit "
                                 f"{name} {list(node.shape)} (expected float32{list(want)} scales of an FP8 weight).")
                 continue
             shard = original.tensors[src_name][0]
             # the original scales wherever the weights still fit them: exact for unchanged weights, and a
             # fine-tuned weight that grew past its block's range gets a fresh scale instead of being clipped
-            scale = fp8_block_scale(node, prefer=read(f"{rel}/{shard}", src_name, info.dtype, info.shape,
-                                                      offset=info.start))
-        out[name] = quant_fp8_block(node, scale)
-        out[name + SCALE_SUFFIX] = scale
+            scale = fp8_block_scale(node, block=q.block, prefer=read(f"{rel}/{shard}", src_name, info.dtype,
+                                                                     info.shape, offset=info.start))
+        out[name] = quant_fp8_block(node, scale, block=q.block)
+        out[name + q.scale_suffix] = scale
     if problems:
         raise ValidationError(problems)
     return out, files
@@ -245,13 +256,7 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index:05d}-of-{total:05d}.safetensors"
 
 
-def _layer_of(name: str) -> int | None:
-    if name.startswith("model.layers."):
-        return int(name.split(".")[2])
-    return None
-
-
-def _shards(fields: dict, tensors: dict[str, Node], max_shard_size: int | None) -> list[OutputFile]:
+def _shards(spec: ModelSpec, fields: dict, tensors: dict[str, Node], max_shard_size: int | None) -> list[OutputFile]:
     """Group tensors into shards: one per layer (embedding with the first, norm and lm_head with the last real
     layer, each MTP layer alone), or greedily up to ``max_shard_size`` bytes in HF order."""
     groups: list[list[str]] = []
@@ -259,9 +264,9 @@ def _shards(fields: dict, tensors: dict[str, Node], max_shard_size: int | None) 
         real = fields["num_hidden_layers"]
         by_layer: dict[int, list[str]] = defaultdict(list)
         for name in tensors:
-            layer = _layer_of(name)
+            layer = spec.layer_of(name)
             if layer is None:
-                layer = 0 if name == "model.embed_tokens.weight" else real - 1
+                layer = 0 if name == spec.embedding else real - 1
             by_layer[layer].append(name)
         groups = [by_layer[k] for k in sorted(by_layer)]
     else:

@@ -11,11 +11,14 @@ import os
 from dataclasses import asdict
 
 from ..errors import ValidationError
+from ..layout.options import McoreOptions
 from ..layout.parallel import ParallelSizes, iter_dir, rank_dir
-from ..models import deepseek_v3 as dsv3
+from ..mapping.assemble import build_rank_tensors, placement
+from ..mapping.spec import ModelSpec
+from ..models import model_for_config
 from .mcore2hf import RECORD, record_text
 from .plan import Dropped, OutputFile, OutputTensor, Plan
-from .sources import FP8_DTYPES, SCALE_SUFFIX, HFSource
+from .sources import HFSource
 
 ITERATION = 1
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -23,19 +26,19 @@ RANK_FILE = "model_optim_rng.pt"
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes,
-                     options: dsv3.McoreOptions = dsv3.McoreOptions()) -> Plan:
-    """Compile an HF DeepSeek-V3 checkpoint -> MindSpeed mcore (legacy torch format) conversion plan."""
+def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options: McoreOptions = McoreOptions(),
+                     *, model_type_hf: str | None = None) -> Plan:
+    """Compile an HF checkpoint -> MindSpeed mcore (legacy torch format) conversion plan.  The model family
+    comes from config.json's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given)."""
     src = HFSource(load_dir)
     cfg_json = src.config()
-    model_type = cfg_json.get("model_type")
-    if model_type not in (dsv3.MODEL_TYPE, None):
-        raise ValidationError(f"{os.path.join(src.root, 'config.json')}: model_type {model_type!r} "
-                              f"(expected {dsv3.MODEL_TYPE!r}); no other model family is supported yet.")
-    cfg = dsv3.DeepSeekV3Config.from_json(cfg_json, path=os.path.join(src.root, "config.json"))
-    check_source_against_config(src, cfg)
-    per_rank = dsv3.build_rank_tensors(cfg, sizes, options, src)  # validates flags against the model first
-    groups = dsv3.pipeline_layout(cfg, sizes, options).groups()
+    cfg_path = os.path.join(src.root, "config.json")
+    spec = model_for_config(cfg_json, cfg_path, model_type_hf=model_type_hf)
+    cfg = spec.parse_config(cfg_json, cfg_path)
+    src.quant = spec.quant
+    check_source_against_config(src, spec, cfg)
+    per_rank = build_rank_tensors(spec, cfg, sizes, options, src)  # validates flags against the model first
+    groups = placement(spec, cfg, sizes, options).layout.groups()
     leftover = src.unaccounted()
     if leftover:
         raise ValidationError([f"{n}: present in the source but consumed by no output and not declared "
@@ -68,7 +71,7 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes,
         dropped=tuple(Dropped(n, r) for n, r in sorted(src.dropped.items())),
         # JSON-native (tuples as lists), so a plan equals itself read back from its file
         options=json.loads(json.dumps({"target": asdict(sizes), "model": asdict(options),
-                                       "model_type": dsv3.MODEL_TYPE})),
+                                       "model_type": spec.name})),
     )
 
 
@@ -81,12 +84,16 @@ def _check_unique(path: str, tensors) -> None:
         seen.add(key)
 
 
-def check_source_against_config(src: HFSource, cfg: dsv3.DeepSeekV3Config) -> None:
+def check_source_against_config(src: HFSource, spec: ModelSpec, cfg) -> None:
     """Every tensor config.json implies is present with the right shape and a supported dtype, FP8 weights
     have well-shaped scales, and nothing unexpected is present.  Raises once, listing every problem."""
-    expected = dsv3.hf_tensor_shapes(cfg)
+    expected = spec.hf_table(cfg)
+    quant = spec.quant
+    fp8_dtypes = quant.dtypes if quant else ()
+    suffix = quant.scale_suffix if quant else None
     problems = []
-    for name, shape in expected.items():
+    for name, want in expected.items():
+        shape = want.shape
         if not src.has(name):
             problems.append(f"{name}: missing from the checkpoint (config.json implies it). "
                             f"Check that every shard is present and config.json belongs to these weights.")
@@ -96,30 +103,32 @@ def check_source_against_config(src: HFSource, cfg: dsv3.DeepSeekV3Config) -> No
             problems.append(f"{name}: shape {list(info.shape)} disagrees with config.json (expected {list(shape)}). "
                             f"Use the config.json that came with these weights.")
             continue
-        if info.dtype in FP8_DTYPES:
-            if not dsv3.is_fp8_weight(name):
+        if info.dtype in fp8_dtypes:
+            if not spec.is_quantized(cfg, name):
                 problems.append(f"{name}: dtype {info.dtype} is not expected here (only linear weights are FP8 "
-                                f"in DeepSeek's release).")
+                                f"in {spec.title} releases).")
                 continue
-            scale = name + SCALE_SUFFIX
-            want = (-(-shape[0] // 128), -(-shape[1] // 128))
+            scale = name + suffix
+            grid = quant.scale_shape(shape)
             if not src.has(scale):
                 problems.append(f"{name}: FP8 weight without {scale}. The checkpoint is incomplete.")
-            elif src.info(scale).dtype != "float32" or tuple(src.info(scale).shape) != want:
+            elif src.info(scale).dtype != "float32" or tuple(src.info(scale).shape) != grid:
                 s = src.info(scale)
-                problems.append(f"{scale}: {s.dtype}{list(s.shape)} (expected float32{list(want)} for 128x128 "
+                br, bc = quant.block
+                problems.append(f"{scale}: {s.dtype}{list(s.shape)} (expected float32{list(grid)} for {br}x{bc} "
                                 f"blocks of {list(shape)}). The checkpoint is corrupt.")
         elif info.dtype not in FLOAT_DTYPES:
             problems.append(f"{name}: unsupported dtype {info.dtype} (expected one of {', '.join(FLOAT_DTYPES)} "
                             f"or float8_e4m3fn with block scales).")
+    hints = ", ".join(list(spec.layer_fields(cfg)) + [spec.experts_field])
     for name in src.tensors:
         if name in expected:
             continue
-        if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in expected:
-            if src.info(name[: -len(SCALE_SUFFIX)]).dtype not in FP8_DTYPES:
+        if suffix and name.endswith(suffix) and name[: -len(suffix)] in expected:
+            if src.info(name[: -len(suffix)]).dtype not in fp8_dtypes:
                 problems.append(f"{name}: scales for a weight that is not FP8. The checkpoint is inconsistent.")
             continue
-        problems.append(f"{name}: unexpected tensor for a DeepSeek-V3 checkpoint with this config.json "
-                        f"(check num_hidden_layers, n_routed_experts, num_nextn_predict_layers).")
+        problems.append(f"{name}: unexpected tensor for a {spec.title} checkpoint with this config.json "
+                        f"(check {hints}).")
     if problems:
         raise ValidationError(problems)

@@ -18,8 +18,6 @@ from ..storage import safetensors as st
 from .plan import SourceFile
 
 INDEX_NAME = "model.safetensors.index.json"
-SCALE_SUFFIX = "_scale_inv"
-FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 
 
 def header_digest(path: str) -> str:
@@ -38,10 +36,15 @@ def header_digest(path: str) -> str:
 
 
 class HFSource:
-    """Tensor name -> (shard, header entry) for an HF checkpoint directory."""
+    """Tensor name -> (shard, header entry) for an HF checkpoint directory.
 
-    def __init__(self, root: str):
+    ``quant``: the model family's block FP8 scheme (a :class:`streamconv.mapping.spec.BlockQuant`, set by the
+    planner once it knows the family): an FP8 weight is read through its scale grid, dequantized to the
+    scheme's logical dtype."""
+
+    def __init__(self, root: str, quant=None):
         self.root = os.path.abspath(root)
+        self.quant = quant
         self.tensors: dict[str, tuple[str, st.TensorInfo]] = {}
         self.files: list[SourceFile] = []
         self.consumed: set[str] = set()
@@ -141,20 +144,21 @@ class HFSource:
                                   f"flags (--num-layers, --mtp-num-layers).")
         self.consumed.add(name)
         node = self.raw(name)
-        scale = name + SCALE_SUFFIX
-        if node.dtype in FP8_DTYPES:
+        q = self.quant
+        if q is not None and node.dtype in q.dtypes:
+            scale = name + q.scale_suffix
             if scale not in self.tensors:
                 raise ValidationError(f"{name}: FP8 weight without {scale}; cannot dequantize. "
                                       f"The checkpoint is incomplete.")
             self.consumed.add(scale)
-            node = dequant_fp8_block(node, self.raw(scale), block=(128, 128), dtype="bfloat16")
+            node = dequant_fp8_block(node, self.raw(scale), block=q.block, dtype=q.logical_dtype)
         self._nodes[name] = node
         return node
 
     def drop(self, name: str, reason: str) -> None:
         if name in self.tensors:
             self.dropped[name] = reason
-            scale = name + SCALE_SUFFIX
+            scale = name + self.quant.scale_suffix if self.quant else None
             if scale in self.tensors:
                 self.dropped[scale] = reason
 

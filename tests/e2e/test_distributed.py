@@ -18,7 +18,7 @@ def test_mcore2hf_runs_on_a_local_cluster(tiny_hf, tmp_path):
     """The reverse plan (safetensors writer, replica checks first) on worker processes."""
     from streamconv.execute.executor import RunOptions, run_plan
     from streamconv.layout.parallel import ParallelSizes
-    from streamconv.models.deepseek_v3 import McoreOptions
+    from streamconv.layout.options import McoreOptions
     from streamconv.plan.mcore2hf import plan_mcore_to_hf
     from tests.e2e.test_mcore2hf import digest, load_dir, to_mcore
 

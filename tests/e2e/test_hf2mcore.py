@@ -12,7 +12,7 @@ import torch
 
 from streamconv.execute.executor import RunOptions, run_plan
 from streamconv.layout.parallel import ParallelSizes
-from streamconv.models.deepseek_v3 import McoreOptions
+from streamconv.layout.options import McoreOptions
 from streamconv.plan.plan import Plan
 from streamconv.plan.planner import plan_hf_to_mcore
 from tests.reference import assert_same_checkpoint, load_mcore_dir, reference_hf_to_mcore

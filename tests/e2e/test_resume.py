@@ -17,7 +17,7 @@ from streamconv.execute import journal
 from streamconv.execute.executor import RunOptions, run_plan
 from streamconv.execute.verify import verify_dir, verify_plan
 from streamconv.layout.parallel import ParallelSizes
-from streamconv.models.deepseek_v3 import McoreOptions
+from streamconv.layout.options import McoreOptions
 from streamconv.plan.plan import Plan
 from streamconv.plan.planner import plan_hf_to_mcore
 from streamconv.storage import fileio

@@ -7,7 +7,7 @@ import torch
 
 from streamconv.execute.executor import RunOptions, run_plan
 from streamconv.layout.parallel import ParallelSizes
-from streamconv.models.deepseek_v3 import McoreOptions
+from streamconv.layout.options import McoreOptions
 from streamconv.plan.mcore2hf import plan_mcore_to_hf
 from streamconv.plan.planner import plan_hf_to_mcore
 

@@ -77,16 +77,16 @@ def test_every_code_in_every_128_block(fp8):
     # each 128x128 block holds every code 64 times, with a different scale per block
     w = (torch.arange(256 * 256, dtype=torch.int32) % 256).to(torch.uint8).reshape(256, 256).view(fp8)
     s = torch.tensor([[2.0 ** -120, -0.7], [3.0e38, 1.2345e-3]])
-    got = dequant_fp8_block(w, s)
+    got = dequant_fp8_block(w, s, block=(128, 128))
     assert_bits(got, plain(w, s))
-    assert_bits(got, dequant_reference(w, s))
+    assert_bits(got, dequant_reference(w, s, block=(128, 128)))
     assert got.view(torch.int16).unique().numel() > 400  # not a constant or a copy of one block
 
 
 def test_nan_codes_match_the_formula_bits():
     w = torch.tensor([[0x7F, 0xFF]], dtype=torch.uint8).view(torch.float8_e4m3fn)  # both NaN codes
     s = torch.tensor([[1.0]])
-    got = dequant_fp8_block(w, s)
+    got = dequant_fp8_block(w, s, block=(128, 128))
     assert torch.isnan(got.float()).all()
     assert_bits(got, plain(w, s))
 
@@ -98,16 +98,16 @@ def test_edge_blocks(shape, fp8):
     g = torch.Generator().manual_seed(math.prod(shape))
     w = codes(fp8, *shape, gen=g)
     s = scales_for(*shape, gen=g)
-    got = dequant_fp8_block(w, s)
+    got = dequant_fp8_block(w, s, block=(128, 128))
     assert_bits(got, plain(w, s))
-    assert_bits(got, dequant_reference(w, s))
+    assert_bits(got, dequant_reference(w, s, block=(128, 128)))
 
 
 @pytest.mark.parametrize("shape", [(0, 0), (0, 200), (300, 0)], ids=str)
 def test_empty(shape):
     w = torch.empty(shape, dtype=torch.float8_e4m3fn)
     s = scales_for(max(shape[0], 1), max(shape[1], 1))
-    got = dequant_fp8_block(w, s)
+    got = dequant_fp8_block(w, s, block=(128, 128))
     assert got.shape == shape and got.dtype == torch.bfloat16
 
 
@@ -125,7 +125,7 @@ def test_non_contiguous_input():
     w = base.t()                                   # [300, 200], strided
     s = scales_for(300, 200, gen=g)
     assert not w.is_contiguous()
-    assert_bits(dequant_fp8_block(w, s), plain(w.contiguous(), s))
+    assert_bits(dequant_fp8_block(w, s, block=(128, 128)), plain(w.contiguous(), s))
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def _piece(w, s, r0, r1, c0, c1, block=(128, 128)):
 def test_origin_tail(big, r0, c0):
     w, s, full = big
     part, sb, origin = _piece(w, s, r0, w.shape[0], c0, w.shape[1])
-    assert_bits(dequant_fp8_block(part, sb, origin=origin), full[r0:, c0:])
+    assert_bits(dequant_fp8_block(part, sb, origin=origin, block=(128, 128)), full[r0:, c0:])
 
 
 @settings(max_examples=80, deadline=None)
@@ -162,14 +162,14 @@ def test_origin_random_window(big, data):
     part, sb, origin = _piece(w, s, r0, r1, c0, c1)
     if sb.numel() == 0:  # an empty window still needs a (never used) scale block to be well formed
         sb = s[:1, :1]
-    assert_bits(dequant_fp8_block(part, sb, origin=origin), full[r0:r1, c0:c1])
+    assert_bits(dequant_fp8_block(part, sb, origin=origin, block=(128, 128)), full[r0:r1, c0:c1])
 
 
 def test_origin_matters(big):
     """Guard against an implementation that ignores origin: the same data with the wrong origin differs."""
     w, s, full = big
     part, sb, origin = _piece(w, s, 100, 300, 100, 390)
-    wrong = dequant_fp8_block(part, sb, origin=(0, 0))
+    wrong = dequant_fp8_block(part, sb, origin=(0, 0), block=(128, 128))
     assert not torch.equal(wrong.view(torch.int16), full[100:, 100:].view(torch.int16))
 
 
@@ -177,15 +177,15 @@ def test_e5m2_big(big):
     w8, s, _ = big
     w = w8.view(torch.uint8).view(torch.float8_e5m2)
     part, sb, origin = _piece(w, s, 50, 299, 3, 388)
-    assert_bits(dequant_fp8_block(part, sb, origin=origin), plain(w, s)[50:299, 3:388])
+    assert_bits(dequant_fp8_block(part, sb, origin=origin, block=(128, 128)), plain(w, s)[50:299, 3:388])
 
 
 def test_scale_grid_too_small_raises():
     w = codes(torch.float8_e4m3fn, 130, 70)
     with pytest.raises(GraphError, match=r"expected at least 2x1, got \(1, 1\)"):
-        dequant_fp8_block(w, torch.ones(1, 1))
+        dequant_fp8_block(w, torch.ones(1, 1), block=(128, 128))
     with pytest.raises(GraphError, match="expected at least 2x2"):
-        dequant_fp8_block(w, torch.ones(2, 1), origin=(0, 100))
+        dequant_fp8_block(w, torch.ones(2, 1), origin=(0, 100), block=(128, 128))
     with pytest.raises(GraphError, match="origin >= 0"):
-        dequant_fp8_block(w, torch.ones(2, 1), origin=(-1, 0))
+        dequant_fp8_block(w, torch.ones(2, 1), origin=(-1, 0), block=(128, 128))
 

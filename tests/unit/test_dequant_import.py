@@ -38,7 +38,7 @@ _SMOKE = """
     from streamconv.execute import dequant
     w = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(2, 128).view(torch.float8_e4m3fn)
     s = torch.tensor([[0.37]])
-    assert torch.equal(dequant.dequant_fp8_block(w, s).view(torch.int16), dequant.dequant_reference(w, s).view(torch.int16))
+    assert torch.equal(dequant.dequant_fp8_block(w, s, block=(128, 128)).view(torch.int16), dequant.dequant_reference(w, s, (128, 128)).view(torch.int16))
     print(dequant.HAVE_NUMBA)
 """
 

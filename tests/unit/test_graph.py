@@ -66,22 +66,22 @@ VALID = [
     ("transpose-same-dim", lambda: transpose(r((2, 3)), 1, 1), "bfloat16", (2, 3)),
     ("cast", lambda: cast(r((2, 3)), "float32"), "float32", (2, 3)),
     ("cast-same-is-identity", lambda: cast(r((2, 3)), "bfloat16"), "bfloat16", (2, 3)),
-    ("dequant", lambda: dequant_fp8_block(f8((300, 200)), sc((3, 2))), "bfloat16", (300, 200)),
-    ("dequant-exact-blocks", lambda: dequant_fp8_block(f8((256, 128)), sc((2, 1))), "bfloat16", (256, 128)),
-    ("dequant-origin", lambda: dequant_fp8_block(f8((300, 200)), sc((3, 3)), origin=(5, 70)), "bfloat16",
+    ("dequant", lambda: dequant_fp8_block(f8((300, 200)), sc((3, 2)), block=(128, 128)), "bfloat16", (300, 200)),
+    ("dequant-exact-blocks", lambda: dequant_fp8_block(f8((256, 128)), sc((2, 1)), block=(128, 128)), "bfloat16", (256, 128)),
+    ("dequant-origin", lambda: dequant_fp8_block(f8((300, 200)), sc((3, 3)), origin=(5, 70), block=(128, 128)), "bfloat16",
      (300, 200)),
-    ("dequant-origin-fits", lambda: dequant_fp8_block(f8((20, 10)), sc((1, 1)), origin=(100, 110)), "bfloat16",
+    ("dequant-origin-fits", lambda: dequant_fp8_block(f8((20, 10)), sc((1, 1)), origin=(100, 110), block=(128, 128)), "bfloat16",
      (20, 10)),
-    ("dequant-e5m2-f32", lambda: dequant_fp8_block(r((3, 4), "float8_e5m2"), sc((1, 1)), dtype="float32"),
+    ("dequant-e5m2-f32", lambda: dequant_fp8_block(r((3, 4), "float8_e5m2"), sc((1, 1)), dtype="float32", block=(128, 128)),
      "float32", (3, 4)),
     ("dequant-small-block", lambda: dequant_fp8_block(f8((10, 9)), sc((4, 3)), block=(3, 4), origin=(2, 3)),
      "bfloat16", (10, 9)),
-    ("block-scale", lambda: fp8_block_scale(r((576, 300))), "float32", (5, 3)),
+    ("block-scale", lambda: fp8_block_scale(r((576, 300)), block=(128, 128)), "float32", (5, 3)),
     ("block-scale-e5m2-f16", lambda: fp8_block_scale(r((10, 9), "float16"), block=(3, 4), dtype="float8_e5m2"),
      "float32", (4, 3)),
-    ("block-scale-empty", lambda: fp8_block_scale(r((0, 7))), "float32", (0, 1)),
-    ("quant", lambda: quant_fp8_block(r((300, 200)), sc((3, 2))), "float8_e4m3fn", (300, 200)),
-    ("quant-origin", lambda: quant_fp8_block(r((300, 200), "float32"), sc((3, 3)), origin=(5, 70)), "float8_e4m3fn",
+    ("block-scale-empty", lambda: fp8_block_scale(r((0, 7)), block=(128, 128)), "float32", (0, 1)),
+    ("quant", lambda: quant_fp8_block(r((300, 200)), sc((3, 2)), block=(128, 128)), "float8_e4m3fn", (300, 200)),
+    ("quant-origin", lambda: quant_fp8_block(r((300, 200), "float32"), sc((3, 3)), origin=(5, 70), block=(128, 128)), "float8_e4m3fn",
      (300, 200)),
     ("quant-e5m2", lambda: quant_fp8_block(r((10, 9)), sc((4, 3)), block=(3, 4), origin=(2, 3), dtype="float8_e5m2"),
      "float8_e5m2", (10, 9)),
@@ -134,24 +134,24 @@ INVALID = [
     ("cast-two-sources", lambda: make(Op.CAST, (X, X), CastArg("float32"))),
     ("dequant-one-source", lambda: make(Op.DEQUANT_FP8_BLOCK, (f8((4, 4)),), DequantArg((128, 128), (0, 0),
                                                                                           "bfloat16"))),
-    ("dequant-data-not-fp8", lambda: dequant_fp8_block(r((4, 4)), sc((1, 1)))),
-    ("dequant-data-1d", lambda: dequant_fp8_block(f8((4,)), sc((1, 1)))),
-    ("dequant-scale-bf16", lambda: dequant_fp8_block(f8((4, 4)), r((1, 1)))),
-    ("dequant-scale-1d", lambda: dequant_fp8_block(f8((4, 4)), sc((1,)))),
-    ("dequant-scale-too-few-rows", lambda: dequant_fp8_block(f8((300, 200)), sc((2, 2)))),
-    ("dequant-scale-too-many-cols", lambda: dequant_fp8_block(f8((300, 200)), sc((3, 3)))),
-    ("dequant-scale-ignores-origin", lambda: dequant_fp8_block(f8((128, 128)), sc((1, 1)), origin=(1, 0))),
-    ("dequant-origin-outside-block", lambda: dequant_fp8_block(f8((4, 4)), sc((2, 1)), origin=(128, 0))),
-    ("dequant-origin-negative", lambda: dequant_fp8_block(f8((4, 4)), sc((1, 1)), origin=(0, -1))),
+    ("dequant-data-not-fp8", lambda: dequant_fp8_block(r((4, 4)), sc((1, 1)), block=(128, 128))),
+    ("dequant-data-1d", lambda: dequant_fp8_block(f8((4,)), sc((1, 1)), block=(128, 128))),
+    ("dequant-scale-bf16", lambda: dequant_fp8_block(f8((4, 4)), r((1, 1)), block=(128, 128))),
+    ("dequant-scale-1d", lambda: dequant_fp8_block(f8((4, 4)), sc((1,)), block=(128, 128))),
+    ("dequant-scale-too-few-rows", lambda: dequant_fp8_block(f8((300, 200)), sc((2, 2)), block=(128, 128))),
+    ("dequant-scale-too-many-cols", lambda: dequant_fp8_block(f8((300, 200)), sc((3, 3)), block=(128, 128))),
+    ("dequant-scale-ignores-origin", lambda: dequant_fp8_block(f8((128, 128)), sc((1, 1)), origin=(1, 0), block=(128, 128))),
+    ("dequant-origin-outside-block", lambda: dequant_fp8_block(f8((4, 4)), sc((2, 1)), origin=(128, 0), block=(128, 128))),
+    ("dequant-origin-negative", lambda: dequant_fp8_block(f8((4, 4)), sc((1, 1)), origin=(0, -1), block=(128, 128))),
     ("dequant-block-zero", lambda: dequant_fp8_block(f8((4, 4)), sc((1, 1)), block=(0, 128))),
-    ("dequant-unknown-out-dtype", lambda: dequant_fp8_block(f8((4, 4)), sc((1, 1)), dtype="bf16")),
-    ("block-scale-fp8-data", lambda: fp8_block_scale(f8((4, 4)))),
-    ("block-scale-1d", lambda: fp8_block_scale(r((4,)))),
-    ("block-scale-out-not-fp8", lambda: fp8_block_scale(r((4, 4)), dtype="float32")),
-    ("quant-scale-too-few-rows", lambda: quant_fp8_block(r((300, 200)), sc((2, 2)))),
-    ("quant-scale-bf16", lambda: quant_fp8_block(r((4, 4)), r((1, 1)))),
-    ("quant-data-fp8", lambda: quant_fp8_block(f8((4, 4)), sc((1, 1)))),
-    ("quant-out-not-fp8", lambda: quant_fp8_block(r((4, 4)), sc((1, 1)), dtype="bfloat16")),
+    ("dequant-unknown-out-dtype", lambda: dequant_fp8_block(f8((4, 4)), sc((1, 1)), dtype="bf16", block=(128, 128))),
+    ("block-scale-fp8-data", lambda: fp8_block_scale(f8((4, 4)), block=(128, 128))),
+    ("block-scale-1d", lambda: fp8_block_scale(r((4,)), block=(128, 128))),
+    ("block-scale-out-not-fp8", lambda: fp8_block_scale(r((4, 4)), dtype="float32", block=(128, 128))),
+    ("quant-scale-too-few-rows", lambda: quant_fp8_block(r((300, 200)), sc((2, 2)), block=(128, 128))),
+    ("quant-scale-bf16", lambda: quant_fp8_block(r((4, 4)), r((1, 1)), block=(128, 128))),
+    ("quant-data-fp8", lambda: quant_fp8_block(f8((4, 4)), sc((1, 1)), block=(128, 128))),
+    ("quant-out-not-fp8", lambda: quant_fp8_block(r((4, 4)), sc((1, 1)), dtype="bfloat16", block=(128, 128))),
 ]
 
 
@@ -166,7 +166,7 @@ def test_rule_invalid(build):
 def _sample_graph(file="f.safetensors", rows=(0, 300), c0=70, dim=0, dtype="bfloat16") -> Node:
     w = read(file, "w", "float8_e4m3fn", (300, 200), offset=128, rows=rows)
     s = read(file, "s", "float32", (3, 2), offset=64)
-    d = dequant_fp8_block(w, s, dtype=dtype)
+    d = dequant_fp8_block(w, s, dtype=dtype, block=(128, 128))
     a = slice_(d, (0, c0), (rows[1] - rows[0], 100))
     return cast(cat([a, transpose(transpose(a))], dim), "float32")
 
@@ -192,8 +192,8 @@ def test_keys_differ_for_every_field():
         slice_(X, (1, 0), (2, 6)), slice_(X, (2, 0), (2, 6)), slice_(X, (1, 0), (3, 6)),
         cat([X, X], 0), cat([X, X], 1), cat([X, X, X], 0),
         view(X, (24,)), view(X, (6, 4)), transpose(X), cast(X, "float32"), cast(X, "float16"),
-        dequant_fp8_block(f8((4, 4)), sc((1, 1))), dequant_fp8_block(f8((4, 4)), sc((1, 1)), dtype="float32"),
-        dequant_fp8_block(f8((4, 4)), sc((1, 1)), origin=(1, 0)),
+        dequant_fp8_block(f8((4, 4)), sc((1, 1)), block=(128, 128)), dequant_fp8_block(f8((4, 4)), sc((1, 1)), dtype="float32", block=(128, 128)),
+        dequant_fp8_block(f8((4, 4)), sc((1, 1)), origin=(1, 0), block=(128, 128)),
         dequant_fp8_block(f8((4, 4)), sc((1, 1)), block=(64, 128)),
     ]
     assert len({n.key for n in nodes}) == len(nodes)
@@ -361,14 +361,14 @@ def ckpt(tmp_path_factory):
 
 def _cases(n: dict) -> dict[str, Node]:
     bf, bf2, f32 = n["bf"], n["bf2"], n["f32"]
-    deq = dequant_fp8_block(n["w8"], n["w8_s"])
+    deq = dequant_fp8_block(n["w8"], n["w8_s"], block=(128, 128))
     # a piece of w8 that starts inside a block, paired with its covering scale blocks
     w_part = slice_(n["w8"], (130, 70), (150, 110))
     s_part = slice_(n["w8_s"], (1, 0), (2, 2))
-    deq_part = dequant_fp8_block(w_part, s_part, origin=(2, 70))
+    deq_part = dequant_fp8_block(w_part, s_part, origin=(2, 70), block=(128, 128))
     fc1 = [n[f"fc1.{q}"] for q in range(NE)]
     fc2 = [n[f"fc2.{q}"] for q in range(NE)]
-    big = dequant_fp8_block(n["big8"], n["big8_s"])
+    big = dequant_fp8_block(n["big8"], n["big8_s"], block=(128, 128))
     # fc1 of each "expert" taken from the fp8 tensor: gate and up halves chunked for TP rank 1 of 2
     fp8_fc1 = [cat([chunk(slice_(big, (0, 40 * q), (130, 40)), 2, 1, 0),
                     chunk(slice_(big, (130, 40 * q), (130, 40)), 2, 1, 0)], 0) for q in range(3)]
@@ -394,12 +394,12 @@ def _cases(n: dict) -> dict[str, Node]:
         "cast-up": cast(bf, "float32"),
         "cast-down": cast(f32, "bfloat16"),
         "dequant": deq,
-        "dequant-f32": dequant_fp8_block(n["w8"], n["w8_s"], dtype="float32"),
+        "dequant-f32": dequant_fp8_block(n["w8"], n["w8_s"], dtype="float32", block=(128, 128)),
         "dequant-origin": deq_part,
         "dequant-transposed": transpose(deq),
         "dequant-cast-cat": cast(cat([deq, bf], 1), "float32"),
-        "requant": quant_fp8_block(deq, n["w8_s"]),
-        "quant-of-cat": quant_fp8_block(cat([bf, bf2], 1), fp8_block_scale(cat([bf, bf2], 1))),
+        "requant": quant_fp8_block(deq, n["w8_s"], block=(128, 128)),
+        "quant-of-cat": quant_fp8_block(cat([bf, bf2], 1), fp8_block_scale(cat([bf, bf2], 1), block=(128, 128)), block=(128, 128)),
         "block-scale": fp8_block_scale(f32, block=(7, 9), dtype="float8_e5m2"),
         "grouped-w1": grouped_weight1(fc1),
         "grouped-w2": grouped_weight2(fc2),
@@ -505,21 +505,21 @@ def test_narrow_transpose_dim1_reads_rows(ckpt):
 def test_narrow_dequant_dim0_narrows_scale_read():
     w = read("f", "w", "float8_e4m3fn", (300, 200), offset=1000)
     s = read("f", "s", "float32", (3, 2), offset=0)
-    band = narrow(dequant_fp8_block(w, s), 0, 130, 140)
+    band = narrow(dequant_fp8_block(w, s, block=(128, 128)), 0, 130, 140)
     assert band.op is Op.DEQUANT_FP8_BLOCK
     wn, sn = band.src
     assert wn.op is Op.READ and wn.arg.rows == (130, 140)
     assert sn.op is Op.READ and sn.arg.rows == (1, 2)
     assert band.arg.origin == (2, 0)
     # a band crossing a block boundary needs both scale rows
-    wide = narrow(dequant_fp8_block(w, s), 0, 120, 260)
+    wide = narrow(dequant_fp8_block(w, s, block=(128, 128)), 0, 120, 260)
     assert wide.src[1].arg.rows == (0, 3) and wide.arg.origin == (120, 0)
 
 
 def test_narrow_dequant_dim1_slices_covering_scale_blocks():
     w = read("f", "w", "float8_e4m3fn", (300, 200), offset=1000)
     s = read("f", "s", "float32", (3, 2), offset=0)
-    out = narrow(dequant_fp8_block(w, s), 1, 130, 150)
+    out = narrow(dequant_fp8_block(w, s, block=(128, 128)), 1, 130, 150)
     wn, sn = out.src
     assert out.arg.origin == (0, 2)
     assert sn.shape == (3, 1) and sn.op is Op.SLICE and sn.arg.offsets == (0, 1)
