@@ -456,6 +456,13 @@ def _moe_mlp(hf, d, src, dst, tp, t, ep, e, opts):
         ),
         (dst + "mlp.shared_experts.linear_fc2.weight", _chunk(hf[m + "shared_experts.down_proj.weight"], tp, 1, t)),
     ]
+    return out + _routed_experts(hf, d, m, dst, tp, t, ep, e, opts)
+
+
+def _routed_experts(hf, d, m, dst, tp, t, ep, e, opts):
+    """Spec 3.6 / 4.7: the routed experts of HF ``{m}experts.{j}`` on rank (t, e), local or grouped GEMM.
+    Uses ``d.experts`` and ``d.hidden`` only (shared with the Qwen3-MoE reference)."""
+    out = []
     if opts.experts == "extend":  # spec 3.6: bucket b = e*TP + t of n = E/(EP*TP) whole experts
         n_local = d.experts // (ep * tp)
         first = (e * tp + t) * n_local
