@@ -33,6 +33,10 @@ def add_hf2mcore_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
     p.add_argument("--target-expert-parallel-size", type=int, default=1, metavar="EP")
     add_layout_flags(p)
+    p.add_argument("--save-args", action="store_true",
+                   help="also store MindSpeed's `args` namespace in every rank file, so MindSpeed's own mg->hf "
+                        "can read the checkpoint (torch.load(weights_only=True) then needs argparse.Namespace "
+                        "allowed)")
 
 
 def add_mcore2hf_flags(p: argparse.ArgumentParser) -> None:
@@ -40,7 +44,7 @@ def add_mcore2hf_flags(p: argparse.ArgumentParser) -> None:
     when it wrote the checkpoint (``streamconv_source.json``), else MindSpeed's defaults."""
     p.add_argument("--load-dir", required=True, help="mcore checkpoint directory (latest_checkpointed_iteration.txt)")
     p.add_argument("--save-dir", required=True, help="directory the HF safetensors checkpoint is written to")
-    p.add_argument("--hf-config", metavar="DIR", default=None,
+    p.add_argument("--hf-config", "--hf-cfg-dir", dest="hf_config", metavar="DIR", default=None,
                    help="HF model directory whose config.json (and tokenizer files) describe the model "
                         "(default: the config recorded by streamconv hf2mcore)")
     p.add_argument("--iteration", default=None, help="iteration to convert (default: the tracker file's)")
@@ -67,6 +71,9 @@ def add_layout_flags(p: argparse.ArgumentParser, recorded: bool = False) -> None
     def default(value):
         return None if recorded else value
 
+    p.add_argument("--model-type-hf", default=None, metavar="NAME",
+                   help="MindSpeed-LLM's family name (deepseek3, deepseek32, qwen3-moe); optional: config.json's "
+                        "model_type decides, and a different name is an error")
     flag = "store_true"
     p.add_argument("--moe-grouped-gemm", action=flag, default=default(False),
                    help="routed experts as grouped-GEMM weight1/weight2 (what DeepSeek-V3 scripts train with)")
@@ -118,7 +125,8 @@ def plan_hf2mcore_from_args(args):
 
     sizes = ParallelSizes(args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                           args.target_expert_parallel_size)
-    return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, _options_from_args(args))
+    return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, _options_from_args(args),
+                            model_type_hf=args.model_type_hf, save_args=args.save_args)
 
 
 def _options_from_args(args, recorded: dict | None = None):
@@ -147,13 +155,43 @@ def plan_mcore2hf_from_args(args):
     from ..layout.parallel import ParallelSizes
     from ..plan.mcore2hf import ExportOptions, plan_mcore_to_hf, read_record
 
-    layout = read_record(args.load_dir).get("layout") or {}
+    layout = read_record(args.load_dir).get("layout") or args_layout(args.load_dir, args.iteration)
     rec_sizes = layout.get("sizes") or {}
     sizes = ParallelSizes(*(v if v is not None else rec_sizes.get(k, 1) for k, v in (
         ("tp", args.source_tensor_parallel_size), ("pp", args.source_pipeline_parallel_size),
         ("ep", args.source_expert_parallel_size))))
-    options = _options_from_args(args, layout.get("options") if layout else None)
+    recorded = dict(layout.get("options") or {}) if layout else None
+    if recorded and args.schedules_method == "dualpipev":
+        recorded.pop("vpp_layers", None)  # MindSpeed's args give dualpipev's two chunks as a VPP size
+    options = _options_from_args(args, recorded)
     export = ExportOptions(max_shard_size=args.max_shard_size, verify_replicas=args.verify_replicas,
                            fp8_export=args.fp8_export, fp8_scales_from=args.fp8_scales_from)
     return plan_mcore_to_hf(args.load_dir, args.save_dir, sizes, options, export, hf_config_dir=args.hf_config,
-                            iteration=args.iteration)
+                            iteration=args.iteration, model_type_hf=args.model_type_hf)
+
+
+def args_layout(load_dir: str, iteration: str | None) -> dict:
+    """The layout MindSpeed's generic converter records in the rank files' ``args`` (sizes, layer slots,
+    num-layer-list, VPP, expert-TP), in the record's form; {} when the files hold no args.  Feature flags
+    (grouped GEMM, MTP, dualpipev ...) are not in it: as with MindSpeed's mg->hf, they come from the command line."""
+    from ..errors import StreamconvError
+    from ..plan.mcore_source import read_args
+
+    try:
+        a = read_args(load_dir, iteration)
+    except StreamconvError:
+        return {}  # a missing tracker or a broken file: the planner reports it, naming the file
+    if not a:
+        return {}
+    sizes = {k: a.get(f) for k, f in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"),
+                                      ("ep", "expert_model_parallel_size")) if isinstance(a.get(f), int)}
+    options = {}
+    if a.get("num_layer_list"):
+        options["num_layer_list"] = list(int_list(str(a["num_layer_list"])))
+    elif isinstance(a.get("num_layers_per_virtual_pipeline_stage"), int):
+        options["vpp_layers"] = a["num_layers_per_virtual_pipeline_stage"]
+    if isinstance(a.get("num_layers"), int):
+        options["num_layers"] = a["num_layers"]
+    if a.get("expert_tensor_parallel_size") == 1 and sizes.get("tp", 1) > 1:
+        options["expert_tensor_parallel_size"] = 1
+    return {"sizes": sizes, "options": options}

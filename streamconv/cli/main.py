@@ -5,6 +5,7 @@
     streamconv plan     mcore2hf --load-dir MCORE --save-dir HF -o plan.json  ... and the way back
     streamconv run      plan.json                                          execute a saved plan
     streamconv convert  hf2mcore|mcore2hf --load-dir A --save-dir B ...    plan and run in one step
+    streamconv convert  --load-model-type hf --save-model-type mg ...      the same, in convert_ckpt_v2.py's words
     streamconv verify   plan.json | SAVE_DIR [--rederive K]              checksums; tensors re-derived
     streamconv inspect  plan.json | HF_DIR | MCORE_DIR | DATASET_PREFIX    tables of files, tensors, bytes
     streamconv data     preprocess --input X --output-prefix P ...         corpora -> Megatron .bin/.idx datasets
@@ -41,8 +42,49 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# MindSpeed-LLM's convert_ckpt_v2.py names a direction by two flags; ours by a word.
+V2_DIRECTIONS = {("hf", "mg"): "hf2mcore", ("mg", "hf"): "mcore2hf"}
+
+
+def v2_synonym(argv: list[str]) -> list[str]:
+    """``convert --load-model-type hf --save-model-type mg ...`` -> ``convert hf2mcore ...`` (and ``mg``/``hf``
+    -> ``mcore2hf``; ``plan`` likewise), so convert_ckpt_v2.py scripts port by changing the program name."""
+    words = [i for i, a in enumerate(argv) if not a.startswith("-")]
+    if not words or argv[words[0]] not in ("convert", "plan"):
+        return argv
+    cmd = words[0]
+    rest, given = list(argv[cmd + 1:]), {}
+    for flag in ("--load-model-type", "--save-model-type"):
+        for i, a in enumerate(rest):
+            if a == flag and i + 1 < len(rest):
+                given[flag] = rest[i + 1]
+                del rest[i:i + 2]
+                break
+            if a.startswith(flag + "="):
+                given[flag] = a.split("=", 1)[1]
+                del rest[i]
+                break
+    if not given:
+        return argv
+    pair = (given.get("--load-model-type"), given.get("--save-model-type"))
+    if pair not in V2_DIRECTIONS:
+        raise StreamconvError(f"--load-model-type {pair[0]} --save-model-type {pair[1]}: streamconv converts hf -> "
+                              f"mg and mg -> hf (give both flags, or the direction word hf2mcore / mcore2hf).")
+    if rest and rest[0] in ("hf2mcore", "mcore2hf"):
+        if rest[0] != V2_DIRECTIONS[pair]:
+            raise StreamconvError(f"{rest[0]} contradicts --load-model-type {pair[0]} --save-model-type {pair[1]}.")
+        rest = rest[1:]
+    return argv[:cmd + 1] + [V2_DIRECTIONS[pair]] + rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = v2_synonym(argv)
+    except StreamconvError as exc:
+        print(f"streamconv: error: {exc}", file=sys.stderr)
+        return 2
+    words = [a for a in argv if not a.startswith("-")]
     parser = build_parser(words[0] if words else None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

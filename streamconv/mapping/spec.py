@@ -188,6 +188,11 @@ class ModelSpec:
         """A complete config.json for ``cfg`` (the generator writes it; transformers must load it)."""
         raise NotImplementedError
 
+    def mindspeed_args(self, cfg) -> dict:
+        """The model fields of the ``args`` namespace MindSpeed-LLM's generic converter pickles into each rank
+        file and its mg -> hf reads back (spec ``mindspeed_v2_families.md``, "args")."""
+        raise NotImplementedError
+
     # --- derived ---------------------------------------------------------------------------------------------
     def parse_config(self, obj: dict, path: str) -> ModelConfig:
         """The config of a config.json object, range-checked (one ValidationError listing every problem)."""

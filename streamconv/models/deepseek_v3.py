@@ -256,6 +256,16 @@ class DeepSeekV3(ModelSpec):
         return dict(sorted(out.items()))
 
 
+    def mindspeed_args(self, c) -> dict:
+        return {"hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.num_attention_heads, "kv_channels": None, "num_experts": c.n_routed_experts,
+                "n_shared_experts": c.n_shared_experts, "first_k_dense_replace": c.first_k_dense_replace,
+                "q_lora_rank": c.q_lora_rank, "qk_head_dim": c.qk_nope_head_dim,
+                "qk_pos_emb_head_dim": c.qk_rope_head_dim, "v_head_dim": c.v_head_dim, "qkv_type": "pack_mla",
+                "qk_layernorm": True, "router_bias": True, "enable_dsa_indexer": False,
+                "untie_embeddings_and_output_weights": True, "fc_type": "gate_up_down"}
+
+
 def _mlp(prefix: str, width: int, h: int) -> list[HFTensor]:
     return [HFTensor(prefix + "gate_proj.weight", (width, h), K.LINEAR),
             HFTensor(prefix + "up_proj.weight", (width, h), K.LINEAR),

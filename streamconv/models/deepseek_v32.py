@@ -61,6 +61,9 @@ class DeepSeekV32(DeepSeekV3):
                                           f"rotates that many of its dims), got {c.index_head_dim}."))
         return out
 
+    def mindspeed_args(self, c) -> dict:
+        return {**super().mindspeed_args(c), "enable_dsa_indexer": True}
+
     def config_json(self, c) -> dict:
         out = super().config_json(c)
         out.update({"index_n_heads": c.index_n_heads, "index_head_dim": c.index_head_dim,

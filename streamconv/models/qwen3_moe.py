@@ -130,6 +130,14 @@ class Qwen3Moe(ModelSpec):
             raise ValidationError(f"{self.title} has no dense or MTP layers ({', '.join(bad)} requested).")
         return replace(c, **kw)
 
+    def mindspeed_args(self, c) -> dict:
+        return {"hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.num_key_value_heads, "kv_channels": c.head_dim,
+                "num_experts": c.num_experts, "n_shared_experts": None, "first_k_dense_replace": 0,
+                "q_lora_rank": None, "qk_head_dim": None, "qk_pos_emb_head_dim": None, "v_head_dim": None,
+                "qkv_type": "unpack", "qk_layernorm": True, "router_bias": False, "enable_dsa_indexer": False,
+                "untie_embeddings_and_output_weights": not c.tie_word_embeddings, "fc_type": "gate_up_down"}
+
     def config_json(self, c) -> dict:
         out = {
             "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,

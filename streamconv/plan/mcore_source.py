@@ -39,6 +39,23 @@ def iteration_dir(root: str, iteration: str | None = None) -> str:
                               f"or 'release'.") from None
 
 
+def read_args(root: str, iteration: str | None = None) -> dict:
+    """The ``args`` namespace of the checkpoint's first rank file as a dict ({} when it has none): what
+    MindSpeed's generic converter (or ``--save-args``) records of the layout.  Parsed with the restricted reader."""
+    it_path = os.path.join(root, iteration_dir(root, iteration))
+    try:
+        ranks = sorted(d for d in os.listdir(it_path) if d.startswith("mp_rank_"))
+    except OSError:
+        return {}
+    for d in ranks[:1]:
+        path = os.path.join(it_path, d, RANK_FILE)
+        if os.path.isfile(path):
+            obj = ptr.read_pt(path).obj
+            args = obj.get("args") if isinstance(obj, dict) else None
+            return dict(args) if isinstance(args, dict) else {}
+    return {}
+
+
 class McoreSource:
     """The rank files of one iteration of an mcore checkpoint, parsed without reading tensor data."""
 

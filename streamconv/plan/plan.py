@@ -7,6 +7,7 @@ that is deliberately not converted, with the reason.  See docs/plan_format.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import posixpath
@@ -102,7 +103,7 @@ class Plan:
             if f.tensors:
                 entry["tensors"] = [[t.group, t.name, table.add(t.node), t.seq] for t in f.tensors]
             if f.attrs:
-                entry["attrs"] = [[k, v] for k, v in f.attrs]
+                entry["attrs"] = [[k, _attr_to_json(v)] for k, v in f.attrs]
             if f.text is not None:
                 entry["text"] = f.text
             if f.groups:
@@ -139,7 +140,7 @@ class Plan:
                 if f["format"] not in FORMATS:
                     raise PlanError(f"{path}: {rel}: unknown format {f['format']!r} (expected one of {FORMATS}).")
                 tensors = tuple(OutputTensor(g, n, nodes[i], int(seq)) for g, n, i, seq in f.get("tensors", ()))
-                attrs = tuple((k, v) for k, v in f.get("attrs", ()))
+                attrs = tuple((k, _attr_from_json(v, rel)) for k, v in f.get("attrs", ()))
                 groups = tuple(f.get("groups", ()))
                 if not all(isinstance(g, str) for g in groups):
                     raise PlanError(f"{path}: {rel}: groups must be strings.")
@@ -176,6 +177,24 @@ class Plan:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"{path}: not valid JSON ({exc}).") from None
         return cls.from_json(obj, path=path)
+
+
+NAMESPACE = "__namespace__"   # JSON form of an argparse.Namespace attr: {"__namespace__": {field: scalar}}
+
+
+def _attr_to_json(v):
+    return {NAMESPACE: dict(vars(v))} if isinstance(v, argparse.Namespace) else v
+
+
+def _attr_from_json(v, where: str):
+    if isinstance(v, dict):
+        fields = v.get(NAMESPACE)
+        if set(v) != {NAMESPACE} or not isinstance(fields, dict) or not all(
+                isinstance(x, (int, float, str, bool, type(None))) for x in fields.values()):
+            raise PlanError(f"{where}: attr {v!r} is neither a scalar nor a {{{NAMESPACE!r}: {{field: scalar}}}} "
+                            f"object.")
+        return argparse.Namespace(**fields)
+    return v
 
 
 def _safe_relpath(p: str, plan_path: str) -> str:

@@ -6,6 +6,7 @@ byte is written (one error listing every problem), and returns a :class:`Plan`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import asdict
@@ -27,9 +28,12 @@ FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options: McoreOptions = McoreOptions(),
-                     *, model_type_hf: str | None = None) -> Plan:
+                     *, model_type_hf: str | None = None, save_args: bool = False) -> Plan:
     """Compile an HF checkpoint -> MindSpeed mcore (legacy torch format) conversion plan.  The model family
-    comes from config.json's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given)."""
+    comes from config.json's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given).
+
+    ``save_args``: every rank file also holds the ``args`` namespace MindSpeed's own mg -> hf reads back
+    (loading it with ``torch.load(weights_only=True)`` then needs ``add_safe_globals([argparse.Namespace])``)."""
     src = HFSource(load_dir)
     cfg_json = src.config()
     cfg_path = os.path.join(src.root, "config.json")
@@ -38,7 +42,11 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     src.quant = spec.quant
     check_source_against_config(src, spec, cfg)
     per_rank = build_rank_tensors(spec, cfg, sizes, options, src)  # validates flags against the model first
-    groups = placement(spec, cfg, sizes, options).layout.groups()
+    p = placement(spec, cfg, sizes, options)
+    groups = p.layout.groups()
+    attrs: tuple = (("checkpoint_version", 3.0), ("iteration", ITERATION))
+    if save_args:
+        attrs += (("args", mindspeed_args(spec, cfg, sizes, options, p.layout.num_layers)),)
     leftover = src.unaccounted()
     if leftover:
         raise ValidationError([f"{n}: present in the source but consumed by no output and not declared "
@@ -56,8 +64,7 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         out = tuple(OutputTensor(t.group, t.name, t.node, seq_of[(r.pp_rank, pos)])
                     for pos, t in enumerate(tensors))
         _check_unique(path, out)
-        files.append(OutputFile(path, "megatron_pt", out, attrs=(("checkpoint_version", 3.0), ("iteration", ITERATION)),
-                                groups=groups))
+        files.append(OutputFile(path, "megatron_pt", out, attrs=attrs, groups=groups))
     # The HF config and the layout, so that mcore -> HF needs neither --hf-config nor the layout flags.
     files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options)))
     files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
@@ -73,6 +80,16 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         options=json.loads(json.dumps({"target": asdict(sizes), "model": asdict(options),
                                        "model_type": spec.name})),
     )
+
+
+def mindspeed_args(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptions, slots: int) -> argparse.Namespace:
+    """The ``args`` MindSpeed-LLM's generic converter stores in each rank file (the fields its mg -> hf reads)."""
+    vpp = o.vpp_layers if not o.dualpipev else slots // sizes.pp // 2
+    return argparse.Namespace(
+        tensor_model_parallel_size=sizes.tp, pipeline_model_parallel_size=sizes.pp,
+        expert_model_parallel_size=sizes.ep, expert_tensor_parallel_size=o.expert_tensor_parallel_size or sizes.tp,
+        num_layers=slots, num_layer_list=",".join(map(str, o.num_layer_list)) if o.num_layer_list else None,
+        num_layers_per_virtual_pipeline_stage=vpp, **spec.mindspeed_args(cfg))
 
 
 def _check_unique(path: str, tensors) -> None:

@@ -36,6 +36,7 @@ Until finish returns, the final name does not exist, so a crashed run never look
 
 from __future__ import annotations
 
+import argparse
 import collections
 import functools
 import hashlib
@@ -122,6 +123,9 @@ class TorchZipLayout:
 
 # --- layout ----------------------------------------------------------------------------------------------------
 
+_SCALARS = (int, float, str, bool, type(None))
+
+
 class _Attr:
     """An attr as a cache key: ``3``, ``3.0`` and ``True`` are equal in Python but pickle differently."""
 
@@ -129,7 +133,8 @@ class _Attr:
 
     def __init__(self, key: str, value: Scalar):
         self.key, self.value = key, value
-        self._id = (key, type(value), repr(value))
+        fields = tuple((k, type(v), repr(v)) for k, v in vars(value).items()) if type(value) is argparse.Namespace else ()
+        self._id = (key, type(value), repr(value), fields)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Attr) and self._id == other._id
@@ -146,7 +151,8 @@ def compute_layout(entries: Iterable[PtEntry], attrs: Iterable[tuple[str, Scalar
         entries: the tensors. Entry ``i`` is stored as record ``data/i``. Groups appear in the top-level dict
             in the order of their first entry, and the tensors of a group in entry order.
         attrs: scalars (int, float, str, bool, None) that follow the groups in the top-level dict,
-            for example ``(("checkpoint_version", 3.0), ("iteration", 1))``.
+            for example ``(("checkpoint_version", 3.0), ("iteration", 1))``; or an ``argparse.Namespace`` of
+            such scalars (MindSpeed's ``args``).
         archive: the top-level folder inside the zip.
         groups: groups that come first, in this order, even when empty (a virtual pipeline chunk that holds
             only noop layers is still an empty ``modelN`` dict); other groups follow in entry order.
@@ -213,8 +219,13 @@ def _validate(entries: tuple[PtEntry, ...], attrs: tuple[_Attr, ...], archive: s
             problems.append(f"attr {a.key!r}: not a plain str, or already used as a group or attr key.")
         keys.add(a.key)
         # Exact types: a subclass such as numpy.float64 would pickle as a numpy global that
-        # weights_only=True refuses.
-        if type(a.value) not in (int, float, str, bool, type(None)):
+        # weights_only=True refuses.  An argparse.Namespace of scalars (MindSpeed's ``args``) is the one
+        # container: it loads with weights_only=True once the caller allows argparse.Namespace.
+        if type(a.value) is argparse.Namespace:
+            bad = [k for k, v in vars(a.value).items() if type(v) not in _SCALARS]
+            if bad:
+                problems.append(f"attr {a.key!r}: namespace fields {bad} are not int, float, str, bool or None.")
+        elif type(a.value) not in _SCALARS:
             problems.append(f"attr {a.key!r}: value of type {type(a.value).__name__} is not int, float, str, "
                             f"bool or None. Convert it (e.g. int(x)); only these load with weights_only=True.")
     if problems:

@@ -72,6 +72,26 @@ def test_pickle_is_byte_identical_to_torch_save(tmp_path):
     assert layout.data_pkl == zipfile.ZipFile(ref).read("ref/data.pkl")
 
 
+def test_namespace_attr_pickles_as_torch_save_does(tmp_path):
+    """MindSpeed's `args` (--save-args): an argparse.Namespace of scalars, byte-identical to torch.save's pickle
+    and readable by our restricted reader; anything but scalars inside it is refused."""
+    import argparse
+
+    from streamconv.errors import ValidationError
+    from streamconv.storage.torchzip_reader import read_pt
+
+    sd = _state_dict()
+    args = argparse.Namespace(tensor_model_parallel_size=2, num_layer_list="1,3", kv_channels=None, qk_layernorm=True,
+                              norm_epsilon=1e-6)
+    ref = str(tmp_path / "ref.pt")
+    torch.save({"model": sd, **ATTRS, "args": args}, ref)
+    layout = torchzip.compute_layout(_entries({"model": sd}), {**ATTRS, "args": args})
+    assert layout.data_pkl == zipfile.ZipFile(ref).read("ref/data.pkl")
+    assert dict(read_pt(ref).obj["args"]) == vars(args)
+    with pytest.raises(ValidationError, match=r"namespace fields \['layers'\]"):
+        torchzip.compute_layout(_entries({"model": sd}), {"args": argparse.Namespace(layers=[1, 2])})
+
+
 def test_pickle_uses_only_allowed_globals():
     layout = torchzip.compute_layout(_entries({"model": _state_dict()}), ATTRS)
     found = {arg for op, arg, _ in pickletools.genops(layout.data_pkl) if op.name in ("GLOBAL", "STACK_GLOBAL")}
