@@ -1,6 +1,7 @@
 """The import direction of docs style.md "Our layout", checked on the source with ast (nothing is imported).
 
-    types/errors <- graph <- layout <- mapping <- models;  storage imports only types/errors;
+    types/errors <- graph <- layout <- mapping <- models;  storage imports only types/errors (testing, its
+    conformance suites, only storage, types and errors);
     plan is where models meet storage;  execute and loader never import mapping or models;  cli may import anything.
 
 Every import counts, including ones inside functions and ``TYPE_CHECKING`` blocks.  ``streamconv`` itself
@@ -26,6 +27,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "mapping": {"types", "errors", "graph", "layout"},
     "models": {"types", "errors", "graph", "layout", "mapping"},
     "storage": {"types", "errors"},
+    "testing": {"types", "errors", "storage"},   # the conformance suites shipped for format authors
     "plan": {"types", "errors", "graph", "layout", "mapping", "models", "storage"},
     "synth": {"types", "errors", "storage"},
     "data": {"types", "errors", "storage"},
@@ -37,7 +39,7 @@ FORBIDDEN = {
     "execute": {"mapping", "models", "cli", "synth"},
     "loader": {"mapping", "models", "cli", "synth"},
 }
-NO_MODEL_NAMES = ["graph", "layout", "mapping", "storage", "execute", "loader"]
+NO_MODEL_NAMES = ["graph", "layout", "mapping", "storage", "testing", "execute", "loader"]
 
 
 def module_name(path: Path) -> str:
@@ -130,6 +132,7 @@ def test_walker_sees_the_package():
     (("streamconv.loader", "streamconv.models.deepseek_v3"), "loader"),
     (("streamconv.types", "streamconv.errors"), "types"),
     (("streamconv.synth", "streamconv.graph.node"), "synth"),
+    (("streamconv.testing.reader_suite", "streamconv.plan.plan"), "testing"),
     (("streamconv.layout.parallel", "streamconv.mapping.rules"), "layout"),
     (("streamconv.newlayer.x", "streamconv.graph.node"), "unknown layer"),
 ])
