@@ -251,7 +251,8 @@ class ProtocolTests(WriterTests):
 
     def make_layout(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
         """The format's layout for ``specs`` (name -> (torch dtype, shape), in file order)."""
-        entries = [TensorEntry(self.group_name(), n, types.from_torch(d).name, tuple(s)) for n, (d, s) in specs.items()]
+        group = self.group_name()
+        entries = [TensorEntry(group, n, types.from_torch(d).name, tuple(s)) for n, (d, s) in specs.items()]
         return self.fmt.compute_layout(entries, self.attrs)
 
     def load(self, path: str) -> dict[str, torch.Tensor]:
@@ -267,7 +268,8 @@ class ProtocolTests(WriterTests):
 
     def put(self, session, name, data, offset):
         # list.append is atomic, so threads may share the list
-        session.pieces.append(self.fmt.write_piece(session.path, session.layout, session.index[name], data, offset))
+        piece = self.fmt.write_piece(session.path, session.layout, session.index[name], data, offset)
+        session.pieces.append(piece)
 
     def finish(self, session):
         return self.fmt.finish(session.path, session.layout, session.pieces)
