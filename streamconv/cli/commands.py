@@ -157,8 +157,7 @@ def _inspect_hf(path: str, tensors: bool) -> str:
 
 def _inspect_mcore(path: str, tensors: bool) -> str:
     from ..plan.mcore_source import RANK_FILE, iteration_dir
-    from ..storage.torchzip_reader import read_pt
-    from ..storage.torchzip_reader import tensors as tensor_refs
+    from ..storage.megatron_pt import MEGATRON_PT
 
     it = iteration_dir(path)
     iter_path = os.path.join(path, it)
@@ -167,13 +166,13 @@ def _inspect_mcore(path: str, tensors: bool) -> str:
         pt = os.path.join(iter_path, rank, RANK_FILE)
         if not os.path.isfile(pt):
             continue
-        # our own parser: reads no tensor data, runs no code, and accepts MindSpeed's defaultdict files
-        refs = {k: v for k, v in tensor_refs(read_pt(pt).obj).items() if len(k) == 2}
-        groups = sorted({k[0] for k in refs})
-        rows.append((f"{it}/{rank}", ",".join(groups), len(refs), report.human(sum(r.nbytes for r in refs.values()))))
+        # the format's own index: reads no tensor data, runs no code, and accepts MindSpeed's defaultdict files
+        entries = MEGATRON_PT.index(pt).tensors
+        groups = sorted({e.group for e in entries})
+        rows.append((f"{it}/{rank}", ",".join(groups), len(entries), report.human(sum(e.nbytes for e in entries))))
         if tensors:
             detail.append(f"\n{rank}")
-            detail.append(report.table([(f"{g}.{k}", r.dtype, list(r.shape)) for (g, k), r in refs.items()],
+            detail.append(report.table([(f"{e.group}.{e.name}", e.dtype, list(e.shape)) for e in entries],
                                        ("tensor", "dtype", "shape")))
     return "\n".join([f"mcore checkpoint {path} ({it})",
                       report.table(rows, ("rank file", "groups", "tensors", "bytes"))] + detail)

@@ -13,6 +13,9 @@ raw (a dict of tasks, as dask's spec describes), keyed by content:
     ("text", f)          small text files (config, index, tracker), written after every tensor file
     "done"
 
+Every file goes through its storage format's steps (:class:`streamconv.storage.base.TensorFormat`); tasks
+carry the format's name, not the object, and look it up in the registry on whichever worker runs them.
+
 Memory is bounded in the graph itself, so it holds on any scheduler: pieces are grouped, in the plan's write
 order, into waves of at most ~``max_memory / 3`` bytes, and every read first needed by wave w also depends
 on barrier w-2, which completes when every write of waves <= w-2 is done.  At most two waves (plus one piece
@@ -31,14 +34,15 @@ from dataclasses import dataclass
 import dask
 from dask.callbacks import Callback
 
-from ..errors import ExecutionError, PlanError, ValidationError
+from ..errors import ExecutionError, FormatError, ValidationError
 from ..graph.node import Node, Op, toposort
 from ..graph.rewrite import narrow, push_slices
 from ..plan.plan import OutputFile, Plan
-from ..plan.sources import header_digest
 from ..storage import fileio
+from ..storage.registry import digest_of_file, get_format
 from . import copy as fastcopy
-from . import journal, writers
+from . import journal
+from .formats import format_of, layout_of
 from .kernels import materialize, run_node
 from .progress import Progress
 
@@ -87,7 +91,11 @@ def source_problems(plan: Plan) -> list[str]:
         except OSError:
             problems.append(f"{path}: source file named by the plan is missing. Restore it or re-plan.")
             continue
-        if size != s.size or header_digest(path) != s.header_sha256:
+        try:
+            digest = digest_of_file(path)
+        except FormatError:
+            digest = None
+        if size != s.size or digest != s.header_sha256:
             problems.append(f"{path}: changed since the plan was made (size {size}, planned {s.size}, or "
                             f"header differs). Re-create the plan.")
     return problems
@@ -197,11 +205,11 @@ def _read_after(root: str, arg, _barrier) -> object:
 
 
 def _write(fmt: str, path: str, layout, index: int, offset: int, value, _created):
-    return writers.WRITE_PIECE[fmt](path, layout, index, fastcopy.contiguous(value), offset)
+    return get_format(fmt).write_piece(path, layout, index, fastcopy.contiguous(value), offset)
 
 
 def _compute_and_write(fmt: str, path: str, layout, index: int, offset: int, root: str, node: Node, _created):
-    return writers.WRITE_PIECE[fmt](path, layout, index, materialize(node, root), offset)
+    return get_format(fmt).write_piece(path, layout, index, materialize(node, root), offset)
 
 
 def _barrier(_done) -> None:
@@ -210,22 +218,20 @@ def _barrier(_done) -> None:
 
 def _finish(fmt: str, root: str, rel: str, layout, pieces) -> str:
     path = os.path.join(root, *rel.split("/"))
-    crcs = writers.FINISH[fmt](path, layout, pieces)
+    crcs = get_format(fmt).finish(path, layout, pieces)
     journal.record_file(root, rel, os.path.getsize(path), crcs)
     return path
 
 
-def _text(root: str, rel: str, text: str, _finished) -> str:
-    path = os.path.join(root, *rel.split("/"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fileio.atomic_write_bytes(path, text.encode())
-    journal.record_file(root, rel, len(text.encode()), [journal.text_crc(text)])
-    return path
+def _text(fmt: str, root: str, rel: str, layout, _finished) -> str:
+    """A text file in one task: its content is its layout, so create then finish."""
+    _create(fmt, os.path.join(root, *rel.split("/")), layout)
+    return _finish(fmt, root, rel, layout, [])
 
 
 def _create(fmt: str, path: str, layout) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    writers.CREATE[fmt](path, layout)
+    get_format(fmt).create(path, layout)
 
 
 # --- the graph ------------------------------------------------------------------------------------------------------
@@ -242,18 +248,16 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
     pieces = [p for p in plan_pieces(plan, min(opts.band_bytes, max(opts.max_memory // 8, 1)))
               if plan.files[p.file].path not in skip]
     scheduled = schedule(pieces, max(opts.max_memory // 3, 1)) if not fused else None
-    layouts = {}
+    layouts = {fi: layout_of(f) for fi, f in enumerate(plan.files) if f.path not in skip}
+    texts = [fi for fi, f in enumerate(plan.files) if format_of(f).is_text]   # in plan order: the last marks done
+    is_text = set(texts)
     for fi, f in enumerate(plan.files):
-        if f.format == "text" or f.path in skip:
-            continue
-        if f.format not in writers.LAYOUTS:
-            raise PlanError(f"{f.path}: output format {f.format!r} is not supported by this executor.")
-        layouts[fi] = writers.LAYOUTS[f.format](f)
-        dsk[("create", fi)] = (_create, f.format, _target(plan, f), layouts[fi])
+        if fi in layouts and fi not in is_text:
+            dsk[("create", fi)] = (_create, f.format, _target(plan, f), layouts[fi])
 
     root = plan.source_root
     write_bytes: dict[tuple, int] = {}
-    by_file: dict[int, list] = {fi: [] for fi in layouts}
+    by_file: dict[int, list] = {fi: [] for fi in layouts if fi not in is_text}
     by_wave: dict[int, list] = {}
     for i, p in enumerate(pieces):
         f = plan.files[p.file]
@@ -285,14 +289,13 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
         finish_keys.append(("finish", fi))
     # Text files come after every tensor file, and the plan's last text file (the tracker, the HF index)
     # after the other text files too: its presence marks the output complete.
-    texts = [fi for fi, f in enumerate(plan.files) if f.format == "text"]
     text_keys = []
     for fi in texts:
         f = plan.files[fi]
         if f.path in skip:
             continue
         after = finish_keys + (text_keys if fi == texts[-1] else [])
-        dsk[("text", fi)] = (_text, plan.target_root, f.path, f.text or "", list(after))
+        dsk[("text", fi)] = (_text, f.format, plan.target_root, f.path, layouts[fi], list(after))
         text_keys.append(("text", fi))
     dsk["done"] = (_barrier, text_keys + finish_keys)
     return dsk, write_bytes
@@ -375,8 +378,7 @@ def _run_distributed(dsk: dict, address: str, progress: Progress, write_bytes: d
 def _cleanup(plan: Plan) -> None:
     """After a failure, remove temporary files; complete files stay (they are whole and correct)."""
     for f in plan.files:
-        if f.format in writers.ABORT:
-            try:
-                writers.ABORT[f.format](_target(plan, f))
-            except OSError:
-                pass
+        try:
+            format_of(f).abort(_target(plan, f))
+        except OSError:
+            pass

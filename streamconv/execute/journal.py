@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import time
-import zlib
 
 from ..errors import ExecutionError
 from ..plan.plan import Plan
@@ -77,10 +76,6 @@ def read(target_root: str) -> tuple[set[str], dict[str, dict]]:
         elif rec.get("kind") == "file" and isinstance(rec.get("path"), str):
             files[rec["path"]] = dict(rec, plan_sha256=current)
     return digests, files
-
-
-def text_crc(text: str) -> int:
-    return zlib.crc32(text.encode())
 
 
 def completed(target_root: str, digest: str) -> dict[str, dict] | None:

@@ -1,7 +1,8 @@
 """A Megatron legacy (torch-format) checkpoint as named source tensors: rank file, group, name -> read node.
 
-Only the zip directories and the pickles are parsed (:mod:`streamconv.storage.torchzip_reader`, which runs no
-code from the file); tensor bytes are read later, band by band, by the executor.  Layout-agnostic: which rank
+Each rank file is indexed by the ``megatron_pt`` format (:mod:`streamconv.storage.megatron_pt`: zip directory
+and pickle only, parsed without running code from the file); tensor bytes are read later, band by band, by the
+executor.  Layout-agnostic: which rank
 files and keys exist is decided by the caller (the planner derives it from the model tables).
 """
 
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 import os
 
-from .. import types
 from ..errors import FormatError, ValidationError
 from ..graph.node import Node, read
 from ..layout.parallel import ParallelSizes, RankFile, iter_dir, rank_dir
 from ..storage import torchzip_reader as ptr
+from ..storage.megatron_pt import MEGATRON_PT, is_model_group
 from .plan import SourceFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -91,17 +92,13 @@ class McoreSource:
                                 f"restore the file.")
                 continue
             try:
-                pt = ptr.read_pt(path)
+                index = MEGATRON_PT.index(path)
             except FormatError as exc:
                 problems.append(str(exc))
                 continue
             self.paths[r] = path
-            self.files.append(SourceFile(self.rel(r), os.path.getsize(path), pt.digest))
-            table = {}
-            for key, ref in ptr.tensors(pt.obj).items():
-                if len(key) == 2 and all(isinstance(k, str) for k in key) and _is_model_group(key[0]):
-                    table[key] = ref
-            self.tensors[r] = table
+            self.files.append(SourceFile(self.rel(r), index.size, index.digest))
+            self.tensors[r] = {(e.group, e.name): e.storage_data for e in index.tensors if is_model_group(e.group)}
         if problems:
             raise ValidationError(problems)
 
@@ -123,7 +120,7 @@ class McoreSource:
                 elif ref.dtype not in ("bfloat16", "float16", "float32"):
                     problems.append(f"{path}: {group}.{name} has dtype {ref.dtype}; expected bfloat16, float16 or "
                                     f"float32 weights.")
-                elif not _row_major(ref):
+                elif not ref.row_major:
                     problems.append(f"{path}: {group}.{name} is stored with strides {list(ref.stride)} (not row-"
                                     f"major). Re-save the checkpoint with contiguous tensors.")
             extra = sorted(k for k in have if k not in want and not k[1].endswith("._extra_state"))
@@ -137,18 +134,5 @@ class McoreSource:
 
     def get(self, rank: RankFile, group: str, name: str) -> Node:
         ref = self.tensors[rank][(group, name)]
-        offset = ref.start + ref.storage_offset * types.dtype(ref.dtype).itemsize
-        return read(self.rel(rank), f"{group}.{name}", ref.dtype, ref.shape, offset=offset)
+        return read(self.rel(rank), f"{group}.{name}", ref.dtype, ref.shape, offset=ref.offset)
 
-
-def _is_model_group(key: str) -> bool:
-    return key == "model" or (key.startswith("model") and key[5:].isdigit())
-
-
-def _row_major(ref: ptr.TensorRef) -> bool:
-    expect = 1
-    for n, s in zip(reversed(ref.shape), reversed(ref.stride)):
-        if n > 1 and s != expect:
-            return False
-        expect *= n
-    return True

@@ -18,9 +18,9 @@ from ..errors import GraphError, PlanError
 from ..graph.codec import NodeTable, nodes_from_json
 from ..graph.node import Node
 from ..storage import fileio
+from ..storage.registry import format_names
 
 SCHEMA_VERSION = 1
-FORMATS = ("megatron_pt", "safetensors", "text")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class OutputTensor:
 @dataclass(frozen=True)
 class OutputFile:
     path: str                      # relative to the plan's target root, '/'-separated
-    format: str                    # one of FORMATS
+    format: str                    # a registered format name (streamconv.storage.registry.format_names())
     tensors: tuple[OutputTensor, ...] = ()
     attrs: tuple[tuple[str, object], ...] = ()   # scalar top-level entries (checkpoint_version, iteration)
     text: str | None = None        # content of a "text" file
@@ -137,8 +137,9 @@ class Plan:
             files = []
             for f in obj["target"]["files"]:
                 rel = _safe_relpath(f["path"], path)
-                if f["format"] not in FORMATS:
-                    raise PlanError(f"{path}: {rel}: unknown format {f['format']!r} (expected one of {FORMATS}).")
+                if f["format"] not in format_names():
+                    raise PlanError(f"{path}: {rel}: unknown format {f['format']!r} (expected one of "
+                                    f"{format_names()}).")
                 tensors = tuple(OutputTensor(g, n, nodes[i], int(seq)) for g, n, i, seq in f.get("tensors", ()))
                 attrs = tuple((k, _attr_from_json(v, rel)) for k, v in f.get("attrs", ()))
                 groups = tuple(f.get("groups", ()))

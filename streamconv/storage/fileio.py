@@ -185,5 +185,22 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return crc1 ^ crc2
 
 
+def crc32_of_range(path: str, start: int, end: int, chunk: int = 64 << 20) -> int:
+    """CRC32 of bytes ``[start, end)`` of ``path``, read in chunks of at most ``chunk`` bytes."""
+    crc = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = np.empty(min(chunk, max(end - start, 1)), dtype=np.uint8)
+        pos = start
+        while pos < end:
+            n = min(len(buf), end - pos)
+            pread_into(fd, buf[:n], pos, path=path)
+            crc = zlib.crc32(buf[:n], crc)
+            pos += n
+    finally:
+        os.close(fd)
+    return crc
+
+
 def crc32(data) -> int:
     return zlib.crc32(memoryview(data).cast("B") if not isinstance(data, bytes) else data)

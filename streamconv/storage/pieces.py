@@ -24,8 +24,7 @@ import torch
 from .. import types
 from ..errors import ExecutionError, ValidationError
 from . import fileio
-
-Piece = tuple[int, int, int, int]  # (entry index, byte offset in the entry, length, crc32 of the piece)
+from .base import Piece
 
 
 class _Entry(Protocol):
@@ -173,3 +172,24 @@ def abort(path: str) -> None:
         os.unlink(fileio.temp_name(path))
     except FileNotFoundError:
         pass
+
+
+# --- checking a finished file (``check_file`` with a layout) ---------------------------------------------------
+
+def size_problem(path: str, layout: Layout, record: dict) -> str | None:
+    """The file's size against the layout's and the journal's, or None when all three agree."""
+    size = os.path.getsize(path)
+    if size != layout.size or size != record.get("size"):
+        return f"{path}: size {size} (planned {layout.size}, journaled {record.get('size')})."
+    return None
+
+
+def crc_problems(path: str, layout: Layout, record: dict, labels: Sequence[str]) -> list[str]:
+    """Each entry's bytes (read back from disk) against the CRC32 the journal recorded for it."""
+    crcs = record.get("crc32") or []
+    problems = []
+    for i, (label, (start, end)) in enumerate(zip(labels, layout.spans)):
+        if i >= len(crcs) or fileio.crc32_of_range(path, start, end) != crcs[i]:
+            problems.append(f"{path}: {label}: checksum differs from the journal (corrupted on disk?). Delete "
+                            f"the file and run the plan again.")
+    return problems

@@ -1,4 +1,5 @@
-"""The safetensors format, owned end to end: header parsing, exact-range reads, and a streaming writer.
+"""The safetensors format, owned end to end: header parsing, exact-range reads, a streaming writer, and
+:data:`SAFETENSORS`, the :class:`~streamconv.storage.base.TensorFormat` object plans name ``"safetensors"``.
 
 File layout: ``u64 little-endian N`` | ``N bytes of JSON header`` (space padded) | the byte buffer.  Each
 header entry is ``{"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}`` relative to the buffer;
@@ -22,6 +23,7 @@ processes can share a file:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -36,6 +38,7 @@ from .. import types
 from ..errors import ExecutionError, FormatError, ValidationError
 from . import fileio
 from . import pieces as _pieces
+from .base import FileCheck, FileIndex, IndexEntry, TensorEntry, TensorFormat, row_major_stride
 from .pieces import Piece, tensor_bytes  # noqa: F401  (tensor_bytes: re-exported, readers use it)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the reference implementation accepts
@@ -353,3 +356,100 @@ class SafetensorsWriter:
             self.close()
         else:
             self.abort()
+
+
+# --- the format object ---------------------------------------------------------------------------------------
+
+class SafetensorsFormat(TensorFormat):
+    """safetensors as a :class:`TensorFormat`: the free functions above, plus sniffing, digests and checks.
+
+    Flat (one HF name per tensor, no groups); ``attrs`` are the header's ``__metadata__`` (str -> str).
+    """
+
+    name = "safetensors"
+    supports_attrs = True   # float8: yes; groups: no (the defaults)
+    sniff_bytes = 9
+
+    @classmethod
+    def sniff(cls, head: bytes) -> bool:
+        # u64 header length within the reference limit, then the JSON object's "{" (the reference reader
+        # refuses any other first byte); a zip or a text file never starts like this.
+        return (len(head) >= 9 and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES
+                and head[8:9] == b"{")
+
+    def digest(self, path: str) -> str:
+        """sha256 of the 8-byte length and the JSON header ("" for a file too short to have one)."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    return ""
+                (n,) = struct.unpack("<Q", head)
+                return hashlib.sha256(head + f.read(min(n, MAX_HEADER_BYTES))).hexdigest()
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot read the header ({exc.strerror or exc}).") from None
+
+    def index(self, path: str) -> FileIndex:
+        header = read_header(path)
+        tensors = tuple(IndexEntry("", i.name, i.dtype, i.shape, i.start, row_major_stride(i.shape), i)
+                        for i in header.tensors.values())
+        return FileIndex(path, header.file_size, self.digest(path), tensors, tuple(header.metadata.items()))
+
+    def compute_layout(self, entries, attrs=(), groups=(), *, text=None) -> SafetensorsLayout:
+        """Tensors by name in entry order; ``attrs`` (str pairs) become ``__metadata__``."""
+        rows = [TensorEntry(*e) for e in entries]
+        problems = [f"{e.name}: group {e.group!r} (expected ''). safetensors files are flat; put the full HF "
+                    f"name in the tensor name." for e in rows if e.group]
+        groups = tuple(groups)
+        if groups:
+            problems.append(f"groups {list(groups)} (expected none). safetensors files are flat.")
+        if text is not None:
+            problems.append("text content given (expected none). Only a text format holds text.")
+        if problems:
+            raise ValidationError(problems)
+        return compute_layout([(e.name, e.dtype, e.shape) for e in rows], dict(attrs))
+
+    def create(self, path: str, layout: SafetensorsLayout) -> None:
+        create(path, layout)
+
+    def write_piece(self, path: str, layout: SafetensorsLayout, index: int, data, offset: int = 0) -> Piece:
+        return write_piece(path, layout, index, data, offset)
+
+    def finish(self, path: str, layout: SafetensorsLayout, pieces: Iterable[Piece]) -> list[int]:
+        return finish(path, layout, pieces)
+
+    def abort(self, path: str) -> None:
+        abort(path)
+
+    def check_file(self, path: str, record: dict, layout: SafetensorsLayout | None = None) -> FileCheck:
+        """With a layout: size, the whole header (the journaled CRCs cover tensor bytes only, and the plan
+        fixes the header), then each tensor's CRC.  Without: the tensors of the file's own header, in header
+        order (the order :func:`finish` journals), against the journaled CRCs."""
+        if layout is not None:
+            problem = _pieces.size_problem(path, layout, record)
+            if problem:
+                return FileCheck(0, [problem])
+            problems = []
+            if fileio.read_range(path, 0, len(layout.header)).tobytes() != layout.header:
+                problems.append(f"{path}: header differs from the one the plan implies (corrupted on disk?). "
+                                f"Delete the file and run the plan again.")
+            problems += _pieces.crc_problems(path, layout, record, [e.name for e in layout.entries])
+            return FileCheck(len(layout.spans), problems)
+        try:
+            tensors = list(read_header(path).tensors.values())
+        except FormatError as exc:
+            return FileCheck(0, [str(exc)])
+        got = [fileio.crc32_of_range(path, t.start, t.end) for t in tensors]
+        want = record.get("crc32") or []
+        bad = [t.name for t, g, w in zip(tensors, got, want) if g != w]
+        if len(want) != len(tensors):
+            return FileCheck(len(tensors), [f"{path}: {len(tensors)} tensors in the header but {len(want)} "
+                                            f"checksums in the journal. Delete the file and run the plan again."])
+        if bad:
+            return FileCheck(len(tensors), [f"{path}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: "
+                                            f"checksum differs from the journal (corrupted on disk?). Delete the "
+                                            f"file and run the plan again."])
+        return FileCheck(len(tensors), [])
+
+
+SAFETENSORS = SafetensorsFormat()

@@ -32,6 +32,7 @@ import torch
 from .. import types
 from ..errors import FormatError
 from . import fileio
+from .base import is_row_major
 
 MAX_PICKLE_BYTES = 256 << 20
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -55,6 +56,16 @@ class TensorRef:
     @property
     def nbytes(self) -> int:
         return types.nbytes(self.dtype, self.shape)
+
+    @property
+    def offset(self) -> int:
+        """Absolute file offset of the tensor's first element."""
+        return self.start + self.storage_offset * types.dtype(self.dtype).itemsize
+
+    @property
+    def row_major(self) -> bool:
+        """Whether the tensor's bytes are ``[offset, offset + nbytes)`` in row-major order."""
+        return is_row_major(self.shape, self.stride)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Every streaming writer against the conformance suite in writer_suite.py.
+"""The built-in writers against the writer suite (streamconv.testing.writer_suite), read back by independent
+readers.
 
 The torch-zip and safetensors formats run the protocol suite (:class:`ProtocolTests`), each read back by
 every reader that matters: torch.load with and without mmap; safetensors.torch.load_file, safe_open, and our own
-read_header/read_tensor.  The object-based SafetensorsWriter runs the generic suite.
+read_header/read_tensor.  The object-based SafetensorsWriter runs the generic suite.  (test_formats.py runs the
+suites once more for every registered format, read back through the format's own index.)
 """
 
 from __future__ import annotations
@@ -13,19 +15,16 @@ import torch
 
 from streamconv import types
 from streamconv.storage import safetensors as st
-from streamconv.storage import torchzip
+from streamconv.storage.megatron_pt import MEGATRON_PT
 from streamconv.storage.safetensors import SafetensorsWriter
-
-from .writer_suite import ProtocolTests, WriterTests
+from streamconv.testing.writer_suite import ProtocolTests, WriterTests
 
 
 class TestTorchZipWriter(ProtocolTests):
-    module = torchzip
+    fmt = MEGATRON_PT
+    group = "model"
+    attrs = (("checkpoint_version", 3.0), ("iteration", 1))
     mmap = False
-
-    def make_layout(self, specs):
-        entries = tuple(torchzip.PtEntry("model", n, types.from_torch(d).name, s) for n, (d, s) in specs.items())
-        return torchzip.compute_layout(entries, {"checkpoint_version": 3.0, "iteration": 1})
 
     def load(self, path):
         return dict(torch.load(path, weights_only=True, mmap=self.mmap)["model"])
@@ -36,10 +35,8 @@ class TestTorchZipWriterMmap(TestTorchZipWriter):
 
 
 class TestSafetensorsProtocol(ProtocolTests):
-    module = st
-
-    def make_layout(self, specs):
-        return st.compute_layout([(n, types.from_torch(d).name, s) for n, (d, s) in specs.items()], {"format": "pt"})
+    fmt = st.SAFETENSORS
+    attrs = (("format", "pt"),)
 
     def load(self, path):
         return safetensors.torch.load_file(path)

@@ -118,9 +118,9 @@ def test_verify_finds_corruption_and_missing_files(tiny_hf, tmp_path, capsys):
     assert main(["verify", plan_path, "--rederive", "2"]) == 0
 
     victim = next(f for f in plan.files if f.tensors)
-    from streamconv.execute.writers import LAYOUTS
+    from streamconv.execute.formats import layout_of
 
-    start, end = LAYOUTS[victim.format](victim).spans[3]
+    start, end = layout_of(victim).spans[3]
     path = os.path.join(out, *victim.path.split("/"))
     with open(path, "r+b") as f:
         f.seek(start + 1)
@@ -145,9 +145,9 @@ def test_rederive_catches_wrong_bytes_with_matching_checksums(tiny_hf, tmp_path)
     plan = make_plan(tiny_hf["bf16"], out)
     run_plan(plan)
     f = next(f for f in plan.files if f.tensors)
-    from streamconv.execute.writers import LAYOUTS
+    from streamconv.execute.formats import layout_of
 
-    spans = LAYOUTS[f.format](f).spans
+    spans = layout_of(f).spans
     path = os.path.join(out, *f.path.split("/"))
     with open(path, "r+b") as fh:
         for start, end in spans:

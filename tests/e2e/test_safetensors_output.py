@@ -15,12 +15,12 @@ import torch
 from streamconv import types
 from streamconv.execute import journal
 from streamconv.execute.executor import RunOptions, run_plan
+from streamconv.execute.formats import layout_of
 from streamconv.execute.verify import verify_dir, verify_plan
-from streamconv.execute.writers import LAYOUTS
 from streamconv.graph.node import cast, read, slice_, transpose
 from streamconv.plan.plan import OutputFile, OutputTensor, Plan, SourceFile
-from streamconv.plan.sources import header_digest
 from streamconv.storage import fileio
+from streamconv.storage.registry import digest_of_file
 from streamconv.storage.safetensors import SafetensorsWriter, read_header
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,7 +78,7 @@ def make_plan(source_root: str, target_root: str) -> tuple[Plan, dict[str, dict[
              "weight_map": {t.name: f.path for f in files for t in f.tensors}}
     files.append(OutputFile("model.safetensors.index.json", "text", text=json.dumps(index, indent=2)))
     plan = Plan("test_safetensors", source_root,
-                (SourceFile("src.safetensors", os.path.getsize(path), header_digest(path)),), target_root,
+                (SourceFile("src.safetensors", os.path.getsize(path), digest_of_file(path)),), target_root,
                 tuple(files))
     return plan, expected
 
@@ -106,7 +106,7 @@ def test_writes_the_expected_shards(uninterrupted):
     assert sorted(files) == sorted(SHARDS + ("model.safetensors.index.json",))
     for f in plan.files[:2]:
         data = files[f.path]
-        layout = LAYOUTS["safetensors"](f)
+        layout = layout_of(f)
         assert len(data) == layout.size and data[: len(layout.header)] == layout.header
         loaded = safetensors.torch.load(data)
         want = expected[f.path]
@@ -131,7 +131,7 @@ def test_verify_passes_then_finds_flipped_bytes(source, tmp_path):
     assert rep.files == 3 and rep.records == 7
 
     victim = plan.files[1]
-    start, _ = LAYOUTS["safetensors"](victim).spans[1]
+    start, _ = layout_of(victim).spans[1]
     path = os.path.join(out, victim.path)
     _flip(path, start + 5)
     rep = verify_plan(plan)
@@ -158,30 +158,31 @@ def _flip(path: str, pos: int) -> None:
 # k-th piece write, or when the k-th file is about to be finished (the earlier ones are finished and journaled).
 _CHILD = """
 import os, signal, sys
-from streamconv.execute import writers
 from streamconv.execute.executor import RunOptions, run_plan
 from streamconv.plan.plan import Plan
-plan_path, table, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
-real, calls = getattr(writers, table)["safetensors"], [0]
+from streamconv.storage.registry import get_format
+plan_path, step, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fmt = get_format("safetensors")
+real, calls = getattr(fmt, step), [0]
 def dying(*args):
     if calls[0] == limit:
         os.kill(os.getpid(), signal.SIGKILL)
     calls[0] += 1
     return real(*args)
-getattr(writers, table)["safetensors"] = dying
+setattr(fmt, step, dying)  # tasks look the format up by name, so they call this
 run_plan(Plan.load(plan_path), RunOptions(scheduler="sync", band_bytes=2048, max_memory=4 << 20))
 """
 
 
-@pytest.mark.parametrize("table, limit, finished", [("WRITE_PIECE", 5, 0), ("FINISH", 1, 1)],
+@pytest.mark.parametrize("step, limit, finished", [("write_piece", 5, 0), ("finish", 1, 1)],
                          ids=["mid-write", "after-first-shard"])
-def test_kill_9_then_resume_is_byte_identical(source, tmp_path, uninterrupted, table, limit, finished):
+def test_kill_9_then_resume_is_byte_identical(source, tmp_path, uninterrupted, step, limit, finished):
     out = str(tmp_path / "hf")
     plan, _ = make_plan(source[0], out)
     plan_path = str(tmp_path / "plan.json")
     plan.save(plan_path)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, plan_path, table, str(limit)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", _CHILD, plan_path, step, str(limit)], cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     # Dask picks the order of independent tasks, so which shard got further is not fixed; the counts are.

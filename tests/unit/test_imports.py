@@ -1,6 +1,7 @@
 """The import direction of docs style.md "Our layout", checked on the source with ast (nothing is imported).
 
-    types/errors <- graph <- layout <- mapping <- models;  storage imports only types/errors;
+    types/errors <- graph <- layout <- mapping <- models;  storage imports only types/errors (testing, its
+    conformance suites, only storage, types and errors);
     plan is where models meet storage;  execute and loader never import mapping or models;  cli may import anything.
 
 Every import counts, including ones inside functions and ``TYPE_CHECKING`` blocks.  ``streamconv`` itself
@@ -28,6 +29,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "mapping": {"types", "errors", "graph", "layout"},
     "models": {"types", "errors", "graph", "layout", "mapping"},
     "storage": {"types", "errors"},
+    "testing": {"types", "errors", "storage"},   # the conformance suites shipped for format authors
     "plan": {"types", "errors", "graph", "layout", "mapping", "models", "storage"},
     "synth": {"types", "errors", "storage", "layout", "mapping", "models", "execute"},
     "data": {"types", "errors", "storage"},
@@ -39,11 +41,11 @@ FORBIDDEN = {
     "execute": {"mapping", "models", "cli", "synth"},
     "loader": {"mapping", "models", "cli", "synth"},
 }
-NO_MODEL_NAMES = ["graph", "layout", "mapping", "storage", "execute", "loader", "plan"]
+NO_MODEL_NAMES = ["graph", "layout", "mapping", "storage", "testing", "execute", "loader", "plan"]
 FAMILY_NAMES = ("deepseek", "qwen")
 # The FP8 block edge is defined once, in streamconv/models/quant.py; a literal 128 in these layers is that
 # knowledge leaking (code only: comments and docstrings may say "128x128").
-NO_BLOCK_LITERAL = ["plan", "execute", "storage", "graph", "layout", "mapping"]
+NO_BLOCK_LITERAL = ["plan", "execute", "storage", "testing", "graph", "layout", "mapping"]
 BLOCK_LITERAL_ALLOWED = {
     "streamconv.execute.copy": "rows per step of the banded copy, sized for the L2 cache, not the FP8 block",
 }
@@ -139,6 +141,7 @@ def test_walker_sees_the_package():
     (("streamconv.loader", "streamconv.models.deepseek_v3"), "loader"),
     (("streamconv.types", "streamconv.errors"), "types"),
     (("streamconv.synth", "streamconv.plan.planner"), "synth"),
+    (("streamconv.testing.reader_suite", "streamconv.plan.plan"), "testing"),
     (("streamconv.layout.parallel", "streamconv.mapping.rules"), "layout"),
     (("streamconv.newlayer.x", "streamconv.graph.node"), "unknown layer"),
 ])

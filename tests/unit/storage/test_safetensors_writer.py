@@ -15,10 +15,11 @@ import torch
 
 from streamconv import types
 from streamconv.errors import ExecutionError, ValidationError
-from streamconv.execute import writers
+from streamconv.execute.formats import layout_of
 from streamconv.graph.node import read
 from streamconv.plan.plan import OutputFile, OutputTensor
 from streamconv.storage import safetensors as st
+from streamconv.storage.registry import get_format
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -148,13 +149,12 @@ def _file(tensors, attrs=(("format", "pt"),), group="") -> OutputFile:
 
 def test_executor_layout_hook():
     tensors = _tensors()
-    layout = writers.LAYOUTS["safetensors"](_file(tensors))
+    layout = layout_of(_file(tensors))
     assert layout is st.compute_layout(_entries(tensors), {"format": "pt"})
     assert json.loads(layout.header[8:])["__metadata__"] == {"format": "pt"}
-    assert writers.LAYOUTS["safetensors"](_file(tensors, attrs=())).header[8:].startswith(b'{"model.embed')
-    for table in (writers.CREATE, writers.WRITE_PIECE, writers.FINISH, writers.ABORT):
-        assert table["safetensors"].__module__ == st.__name__
+    assert layout_of(_file(tensors, attrs=())).header[8:].startswith(b'{"model.embed')
+    assert get_format("safetensors") is st.SAFETENSORS
     with pytest.raises(ValidationError, match=r"model-00001-of-00002.safetensors: model.norm.weight: group 'model'"):
-        writers.LAYOUTS["safetensors"](_file(tensors, group="model"))
+        layout_of(_file(tensors, group="model"))
     with pytest.raises(ValidationError, match=r"model-00001-of-00002.safetensors: metadata 'iteration'"):
-        writers.LAYOUTS["safetensors"](_file(tensors, attrs=(("format", "pt"), ("iteration", 1))))
+        layout_of(_file(tensors, attrs=(("format", "pt"), ("iteration", 1))))

@@ -218,7 +218,7 @@ def test_key_is_a_function_of_the_json_form():
 
 
 def test_key_is_stable_across_processes():
-    code = ("import sys; sys.path.insert(0, %r); from tests.unit.test_graph import _sample_graph; "
+    code = ("import sys; sys.path.insert(0, %r); from tests.unit.graph.test_graph import _sample_graph; "
             "print(_sample_graph().key)") % os.getcwd()
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

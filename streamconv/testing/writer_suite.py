@@ -13,17 +13,20 @@ A writer's test class subclasses :class:`WriterTests` and supplies five hooks:
 Set ``supports_float8 = False`` when the format cannot hold float8.  The suite builds ``write`` (all tensors,
 in a given order, optionally in several pieces each) from these hooks.
 
-Writers that follow the stateless write protocol (a format module with ``create``, ``write_piece``, ``finish``
-and ``abort`` over a frozen layout, see ``streamconv/storage/pieces.py``) subclass :class:`ProtocolTests`
-instead and supply only ``module``, ``make_layout(specs)`` and ``load(path)``. They get every test above with
-the hooks built from the protocol, plus the protocol's own: pieces from other processes, tiling errors,
-disk-full and fsync errors, the returned CRCs, cached hashable layouts.
+Formats that follow the stateless write protocol (a :class:`~streamconv.storage.base.TensorFormat`: ``create``,
+``write_piece``, ``finish`` and ``abort`` over a frozen layout) subclass :class:`ProtocolTests` instead and
+supply only ``fmt`` (the format object); ``group``, ``attrs`` and ``load(path)`` have defaults (``load`` reads
+the file back through ``fmt.index``; override it to check with an independent reader). They get every test
+above with the hooks built from the protocol, plus the protocol's own: pieces from other processes (the
+format object and the layout are pickled to them), tiling errors, disk-full and fsync errors, the returned
+CRCs, cached hashable layouts.
+
+This module imports pytest: only tests import it.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
 import multiprocessing
 import os
 import pickle
@@ -36,8 +39,11 @@ import numpy as np
 import pytest
 import torch
 
-from streamconv.errors import ExecutionError, ValidationError
-from streamconv.storage import fileio
+from .. import types
+from ..errors import ExecutionError, ValidationError
+from ..storage import fileio
+from ..storage.base import TensorEntry, TensorFormat
+from ..storage.safetensors import bytes_to_tensor
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8,
           torch.bool, torch.float8_e4m3fn]
@@ -218,9 +224,9 @@ class ProtocolSession:
 
 
 def _write_in_child(args):
-    """A piece written by another process: only the module name, path, layout and bytes cross over."""
-    module, path, layout, index, offset, data = args
-    return importlib.import_module(module).write_piece(path, layout, index, data, offset)
+    """A piece written by another process: the format object, path, layout and bytes are pickled over."""
+    fmt, path, layout, index, offset, data = args
+    return fmt.write_piece(path, layout, index, data, offset)
 
 
 def _raise_errno(code: int):
@@ -230,28 +236,46 @@ def _raise_errno(code: int):
 
 
 class ProtocolTests(WriterTests):
-    module = None  # the format module: create, write_piece, finish, abort
+    fmt: TensorFormat = None  # the format under test
+    group: str | None = None  # the tensors' group; None: "g" if the format supports groups, else ""
+    attrs: tuple = ()         # top-level attrs of every file written
+
+    @property
+    def supports_float8(self) -> bool:
+        return self.fmt.supports_float8
+
+    def group_name(self) -> str:
+        if self.group is not None:
+            return self.group
+        return "g" if self.fmt.supports_groups else ""
 
     def make_layout(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
         """The format's layout for ``specs`` (name -> (torch dtype, shape), in file order)."""
-        raise NotImplementedError
+        group = self.group_name()
+        entries = [TensorEntry(group, n, types.from_torch(d).name, tuple(s)) for n, (d, s) in specs.items()]
+        return self.fmt.compute_layout(entries, self.attrs)
+
+    def load(self, path: str) -> dict[str, torch.Tensor]:
+        """The file read back through the format's own index: name -> tensor, in file order."""
+        return {e.name: bytes_to_tensor(fileio.read_range(path, e.start, e.nbytes), e.dtype, e.shape)
+                for e in self.fmt.index(path).tensors}
 
     # --- WriterTests hooks from the protocol -------------------------------------------------------------------
     def begin(self, path, specs):
         layout = self.make_layout(specs)
-        self.module.create(path, layout)
+        self.fmt.create(path, layout)
         return ProtocolSession(path, layout, {n: i for i, n in enumerate(specs)})
 
     def put(self, session, name, data, offset):
         # list.append is atomic, so threads may share the list
-        session.pieces.append(self.module.write_piece(session.path, session.layout, session.index[name], data,
-                                                      offset))
+        piece = self.fmt.write_piece(session.path, session.layout, session.index[name], data, offset)
+        session.pieces.append(piece)
 
     def finish(self, session):
-        return self.module.finish(session.path, session.layout, session.pieces)
+        return self.fmt.finish(session.path, session.layout, session.pieces)
 
     def abort(self, session):
-        self.module.abort(session.path)
+        self.fmt.abort(session.path)
 
     # --- helpers ------------------------------------------------------------------------------------------------
     def specs_of(self, tensors):
@@ -268,6 +292,7 @@ class ProtocolTests(WriterTests):
         assert self.make_layout(dict(specs)) is layout
         assert hash(layout) == hash(pickle.loads(pickle.dumps(layout)))
         assert pickle.loads(pickle.dumps(layout)) == layout
+        assert type(pickle.loads(pickle.dumps(self.fmt))) is type(self.fmt)  # tasks may carry the format
         assert len(layout.entries) == len(layout.spans) == len(specs)
         assert all(end - start == raw_nbytes(*spec) for (start, end), spec in zip(layout.spans, specs.values()))
 
@@ -289,14 +314,14 @@ class ProtocolTests(WriterTests):
         path, ref = str(tmp_path / "f"), str(tmp_path / "ref")
         self.write(ref, tensors)
         layout = self.make_layout(self.specs_of(tensors))
-        self.module.create(path, layout)
+        self.fmt.create(path, layout)
         jobs = []
         for i, t in enumerate(tensors.values()):
             raw = np.frombuffer(raw_bytes(t), dtype=np.uint8)
-            jobs += [(self.module.__name__, path, layout, i, lo, raw[lo:lo + 1000]) for lo in range(0, len(raw), 1000)]
+            jobs += [(self.fmt, path, layout, i, lo, raw[lo:lo + 1000]) for lo in range(0, len(raw), 1000)]
         with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
             pieces = list(pool.map(_write_in_child, jobs[::-1]))
-        crcs = self.module.finish(path, layout, pieces)
+        crcs = self.fmt.finish(path, layout, pieces)
         assert open(path, "rb").read() == open(ref, "rb").read()
         assert crcs == [zlib.crc32(raw_bytes(t)) for t in tensors.values()]
 
@@ -339,17 +364,17 @@ class ProtocolTests(WriterTests):
         layout = self.make_layout({"w": (torch.bfloat16, (4, 4))})
         path = str(tmp_path / "f")
         with pytest.raises(ExecutionError, match="Call create"):
-            self.module.write_piece(path, layout, 0, torch.zeros(4, 4, dtype=torch.bfloat16))
-        self.module.create(path, layout)
+            self.fmt.write_piece(path, layout, 0, torch.zeros(4, 4, dtype=torch.bfloat16))
+        self.fmt.create(path, layout)
         with pytest.raises(ExecutionError, match=r"w: piece \[28, 36\) lies outside the tensor's 32 bytes"):
-            self.module.write_piece(path, layout, 0, np.zeros(8, dtype=np.uint8), 28)
+            self.fmt.write_piece(path, layout, 0, np.zeros(8, dtype=np.uint8), 28)
         with pytest.raises(ExecutionError, match="outside"):
-            self.module.write_piece(path, layout, 0, b"xx", -2)
+            self.fmt.write_piece(path, layout, 0, b"xx", -2)
         with pytest.raises(ExecutionError, match="w: piece has dtype torch.float32 .expected torch.bfloat16"):
-            self.module.write_piece(path, layout, 0, torch.zeros(4, 4))
+            self.fmt.write_piece(path, layout, 0, torch.zeros(4, 4))
         with pytest.raises(ExecutionError, match="out of range"):
-            self.module.write_piece(path, layout, 1, b"")
-        self.module.abort(path)
+            self.fmt.write_piece(path, layout, 1, b"")
+        self.fmt.abort(path)
         assert os.listdir(tmp_path) == []
 
     def test_finish_twice_or_after_abort(self, tmp_path):
@@ -362,16 +387,16 @@ class ProtocolTests(WriterTests):
         with pytest.raises(ExecutionError, match="not found. Call create"):
             self.finish(session)
         assert_same(self.load(path), tensors)  # the finished file is untouched
-        self.module.abort(path)  # nothing to remove: the final name is never touched
+        self.fmt.abort(path)  # nothing to remove: the final name is never touched
         assert os.listdir(tmp_path) == ["f"]
 
     def test_finish_refuses_a_temp_file_of_another_layout(self, tmp_path):
         path = str(tmp_path / "f")
         small = self.make_layout({"w": (torch.float32, (4,))})
         big = self.make_layout({"w": (torch.float32, (400,))})
-        self.module.create(path, small)
+        self.fmt.create(path, small)
         with pytest.raises(ExecutionError, match="created with another layout"):
-            self.module.finish(path, big, [(0, 0, 1600, 0)])
+            self.fmt.finish(path, big, [(0, 0, 1600, 0)])
         assert not os.path.exists(path)
 
     def test_disk_full_during_a_write(self, tmp_path, monkeypatch):
@@ -390,7 +415,7 @@ class ProtocolTests(WriterTests):
         layout = self.make_layout(self.specs_of(self.three()))
         monkeypatch.setattr(os, "ftruncate", _raise_errno(errno.ENOSPC))
         with pytest.raises(ExecutionError, match="disk full"):
-            self.module.create(str(tmp_path / "f"), layout)
+            self.fmt.create(str(tmp_path / "f"), layout)
         assert os.listdir(tmp_path) == []
 
     def test_fsync_failure_at_finish_never_shows_the_final_name(self, tmp_path, monkeypatch):
