@@ -208,7 +208,7 @@ def build_hf_tensors(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptions
             Split.REPLICATED, pieces(p.last, f"mtp.final_layernorms.{m}.weight"))
         out[hf_prefix + spec.mtp_head] = out[spec.lm_head]  # the release stores lm_head again
     renumbered, _ = _output_config(spec, cfg, p)
-    order = {name: k for k, name in enumerate(spec.hf_table(renumbered))}
+    order = {name: k for k, name in enumerate(spec.export_order(renumbered))}
     return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
 
 

@@ -238,6 +238,10 @@ class ModelSpec:
     def hf_table(self, cfg) -> dict[str, HFTensor]:
         return _hf_table(self, cfg)
 
+    def export_order(self, cfg) -> list[str]:
+        """The order mcore -> HF writes tensors in: the HF table's, unless the family keeps another one."""
+        return list(_hf_table(self, cfg))
+
     def is_quantized(self, cfg, name: str) -> bool:
         """Whether a quantized release stores ``name`` in the block FP8 scheme."""
         t = _hf_table(self, cfg).get(name)

@@ -9,6 +9,7 @@ is a table delta (:data:`LEGACY_MLA_NAMES`).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields, replace
 
 from ..errors import ValidationError
@@ -187,6 +188,26 @@ class DeepSeekV3(ModelSpec):
         if mtp:
             out += [HFTensor("shared_head.norm.weight", (h,), K.NORM),
                     HFTensor("shared_head.head.weight", (v, h), K.PLAIN, copy_of=self.lm_head)]
+        return out
+
+    def export_order(self, c) -> list[str]:
+        """mcore -> HF has always written the model-level tensors first (embedding, final norm, lm_head), then
+        each layer as: the two norms, attention, MLP, then the MTP parts (unlike the release order above); kept,
+        so exports stay byte-identical across versions."""
+        norms = ("input_layernorm.weight", "post_attention_layernorm.weight")
+        mtp = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+               "shared_head.head.weight")
+
+        def rank(name: str) -> tuple[int, int]:
+            suffix = name.split(".", 3)[3]
+            if suffix in norms:
+                return 0, norms.index(suffix)
+            return (2, mtp.index(suffix)) if suffix in mtp else (1, 0)
+
+        names = list(self.hf_table(c))
+        out = [n for n in names if self.layer_of(n) is None]
+        for layer, block in itertools.groupby((n for n in names if self.layer_of(n) is not None), key=self.layer_of):
+            out += sorted(block, key=rank)  # sorted() is stable
         return out
 
     # --- mcore side (spec §3) --------------------------------------------------------------------------------
