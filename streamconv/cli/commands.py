@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 
 from ..errors import StreamconvError
@@ -115,7 +113,8 @@ def cmd_verify(args) -> int:
         raise StreamconvError(f"{args.path}: no such plan file or directory.")
     for p in rep.problems:
         print(f"FAIL {p}")
-    print(f"{'ok' if rep.ok else 'FAILED'}: {rep.files} files, {rep.records} tensor checksums, "
+    status = "ok" if rep.ok else "INCOMPLETE" if rep.incomplete else "FAILED"
+    print(f"{status}: {rep.files} files, {rep.records} tensor checksums, "
           f"{rep.rederived} tensors re-derived, {len(rep.problems)} problems")
     return 0 if rep.ok else 1
 
@@ -127,15 +126,29 @@ def cmd_inspect(args) -> int:
         print(inspect_datasets(path))
         return 0
     if os.path.isfile(path):
+        from ..storage.registry import format_of_file
+
+        fmt = format_of_file(path)
+        if fmt is not None and not fmt.is_text:  # one tensor file (a shard, a rank file)
+            print(_inspect_file(path, fmt))
+            return 0
         print(report.plan_summary(Plan.load(path), tensors=args.tensors))
         return 0
-    if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
+    if os.path.lexists(os.path.join(path, "latest_checkpointed_iteration.txt")):
         print(_inspect_mcore(path, args.tensors))
         return 0
     if os.path.isdir(path):
         print(_inspect_hf(path, args.tensors))
         return 0
     raise StreamconvError(f"{path}: no such plan file or checkpoint directory.")
+
+
+def _inspect_file(path: str, fmt) -> str:
+    index = fmt.index(path)
+    rows = [(f"{e.group}.{e.name}" if e.group else e.name, e.dtype, list(e.shape), report.human(e.nbytes))
+            for e in index.tensors]
+    return "\n".join([f"{fmt.name} file {path}: {len(rows)} tensors, {report.human(index.size)}",
+                      report.table(rows, ("tensor", "dtype", "shape", "bytes"))])
 
 
 def _inspect_hf(path: str, tensors: bool) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,12 +35,16 @@ from dataclasses import dataclass
 import dask
 from dask.callbacks import Callback
 
-from ..errors import ExecutionError, FormatError, ValidationError
+from ..errors import ExecutionError, StreamconvError, ValidationError
 from ..graph.node import Node, Op, toposort
 from ..graph.rewrite import narrow, push_slices
 from ..plan.plan import OutputFile, Plan
+from ..plan.trust import audit
 from ..storage import fileio
-from ..storage.registry import digest_of_file, get_format
+from ..storage.pieces import file_crc32
+from ..storage.registry import get_format
+from .lock import NAME as LOCK_NAME
+from .lock import lock_for_dir
 from . import copy as fastcopy
 from . import journal
 from .formats import format_of, layout_of
@@ -77,28 +82,19 @@ class RunResult:
     files: int
     bytes_written: int
     seconds: float
+    removed: tuple[str, ...] = ()   # --overwrite: files of an earlier checkpoint removed first
 
 
 # --- preflight -------------------------------------------------------------------------------------------------
 
 def source_problems(plan: Plan) -> list[str]:
-    """Source files named by the plan that are missing or changed since it was made (one line each)."""
-    problems = []
-    for s in plan.source_files:
-        path = os.path.join(plan.source_root, s.name)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            problems.append(f"{path}: source file named by the plan is missing. Restore it or re-plan.")
-            continue
-        try:
-            digest = digest_of_file(path)
-        except FormatError:
-            digest = None
-        if size != s.size or digest != s.header_sha256:
-            problems.append(f"{path}: changed since the plan was made (size {size}, planned {s.size}, or "
-                            f"header differs). Re-create the plan.")
-    return problems
+    """Everything a plan claims about its sources, checked against the disk (:func:`streamconv.plan.trust.audit`:
+    paths inside the source root, files unchanged, every read a real tensor of its file, outputs sane)."""
+    return audit(plan)
+
+
+def _contents(root: str) -> list[str]:
+    return [n for n in os.listdir(root) if n != LOCK_NAME]
 
 
 def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None) -> None:
@@ -109,7 +105,7 @@ def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None)
     root = plan.target_root
     if os.path.exists(root) and not os.path.isdir(root):
         problems.append(f"{root}: target exists and is not a directory.")
-    elif os.path.isdir(root) and os.listdir(root) and not opts.overwrite and done is None:
+    elif os.path.isdir(root) and _contents(root) and not opts.overwrite and done is None:
         other = " (it holds the output of a different plan)" if os.path.exists(journal.path_of(root)) else ""
         problems.append(f"{root}: output directory is not empty{other}. Choose an empty --save-dir or pass "
                         f"--overwrite.")
@@ -219,7 +215,8 @@ def _barrier(_done) -> None:
 def _finish(fmt: str, root: str, rel: str, layout, pieces) -> str:
     path = os.path.join(root, *rel.split("/"))
     crcs = get_format(fmt).finish(path, layout, pieces)
-    journal.record_file(root, rel, os.path.getsize(path), crcs)
+    size = os.path.getsize(path)
+    journal.record_file(root, rel, size, crcs, file_crc32(path, size, layout.spans, crcs))
     return path
 
 
@@ -318,14 +315,35 @@ class _ProgressCallback(Callback):
 
 
 def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
-    """Execute ``plan``: preflight, then every piece on the chosen scheduler; temp files removed on failure.
+    """Execute ``plan``: under the save dir's lock, preflight (the plan audited against its sources), then every
+    piece on the chosen scheduler; temp files removed on failure.
 
     Resumable: when the target holds the journal of a run of this same plan, files it completed (present
     at their journaled size) are skipped and the rest are written again; the result is byte-identical to an
-    uninterrupted run, because every file's layout is fixed by the plan."""
+    uninterrupted run, because every file's layout is fixed by the plan.  With ``overwrite`` over another
+    output, the files of the earlier checkpoint this plan does not write are removed first (and listed)."""
     fileio.release_large_allocations()
+    root = plan.target_root
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise ValidationError(f"{root}: target exists and is not a directory. Choose another --save-dir.")
+    made = not os.path.exists(root)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as exc:
+        raise ValidationError(f"{root}: cannot create the save dir ({exc.strerror}).") from None
+    try:
+        with lock_for_dir(root):
+            return _run_locked(plan, opts)
+    except BaseException:
+        if made and not _contents(root):  # a refused run leaves nothing behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _run_locked(plan: Plan, opts: RunOptions) -> RunResult:
+    root = plan.target_root
     digest = journal.plan_digest(plan)
-    done = journal.completed(plan.target_root, digest) if os.path.isdir(plan.target_root) else None
+    done = journal.completed(root, digest)
     preflight(plan, opts, done)
     if plan.checks:  # before any write: a diverged replica is bad input
         from .replicas import check_replicas
@@ -336,10 +354,14 @@ def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
         log.info("resuming: %d of %d files already complete", len(done), len(plan.files))
     distributed = opts.scheduler not in ("threads", "sync")
     dsk, write_bytes = build_graph(plan, opts, fused=distributed, skip=frozenset(done or ()))
-    os.makedirs(plan.target_root, exist_ok=True)
-    if done is None and os.path.exists(journal.path_of(plan.target_root)):
-        os.remove(journal.path_of(plan.target_root))  # --overwrite of another plan's output: start afresh
-    journal.start(plan.target_root, digest)
+    _cleanup(plan)  # temporary files of a killed run: nobody else can be writing them, we hold the lock
+    removed: list[str] = []
+    if done is None:
+        if opts.overwrite:
+            removed = clear_earlier_output(plan)
+        if os.path.exists(journal.path_of(root)):
+            os.remove(journal.path_of(root))  # --overwrite of another plan's output: start afresh
+    journal.start(root, digest, [f.path for f in plan.files])
     progress = Progress(sum(write_bytes.values()), enabled=opts.progress)
     start = time.monotonic()
     try:
@@ -359,7 +381,49 @@ def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
     total = sum(write_bytes.values())
     log.info("wrote %d files, %.2f GB in %.1f s (%.2f GB/s)", len(plan.files), total / 1e9, seconds,
              total / 1e9 / max(seconds, 1e-9))
-    return RunResult(len(plan.files), total, seconds)
+    return RunResult(len(plan.files), total, seconds, tuple(removed))
+
+
+# Files of a checkpoint tree an earlier conversion (ours or another tool's) may have left: weights, their
+# indexes and trackers.  Anything else in the save dir is not ours to delete.
+_CHECKPOINT_FILES = re.compile(r"^(?:(?:iter_\d+|release)/.+|latest_checkpointed_iteration\.txt|"
+                               r"streamconv_source\.json|model\.safetensors\.index\.json|[^/]+\.safetensors|"
+                               r".+\.partial)$")
+
+
+def clear_earlier_output(plan: Plan) -> list[str]:
+    """``--overwrite``: remove, from the save dir, the files of an earlier checkpoint that this plan does not
+    write (files an earlier streamconv run journaled, and weight/index/tracker files of any checkpoint tree),
+    so old rank files never sit beside the new ones.  Symlinks are removed, never followed; other files are
+    left and logged.  Returns the removed paths, relative to the save dir."""
+    root = plan.target_root
+    ours = {f.path for f in plan.files}
+    try:
+        _, journaled = journal.read(root)
+    except StreamconvError:
+        journaled = {}
+    removed, left = [], []
+    for dirpath, dirnames, filenames in os.walk(root, topdown=True, followlinks=False):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            rel = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
+            if rel in ours or rel in (journal.NAME, LOCK_NAME):
+                continue
+            if rel in journaled or _CHECKPOINT_FILES.match(rel):
+                os.unlink(os.path.join(dirpath, name))
+                removed.append(rel)
+            else:
+                left.append(rel)
+    for dirpath, _, _ in sorted(os.walk(root, topdown=False, followlinks=False), reverse=True):
+        if dirpath != root and not os.listdir(dirpath):
+            os.rmdir(dirpath)
+    if removed:
+        log.warning("--overwrite: removed %d file(s) of an earlier checkpoint from %s (%s%s)", len(removed), root,
+                    ", ".join(removed[:5]), " ..." if len(removed) > 5 else "")
+    if left:
+        log.warning("--overwrite: left %d file(s) that are not checkpoint files in %s (%s%s)", len(left), root,
+                    ", ".join(left[:5]), " ..." if len(left) > 5 else "")
+    return sorted(removed)
 
 
 def _run_distributed(dsk: dict, address: str, progress: Progress, write_bytes: dict) -> None:

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import StreamconvError
 from ..plan.plan import OutputTensor, Plan
+from ..plan.trust import TEMP_SUFFIX, is_inside
 from ..storage import fileio
 from ..storage.pieces import tensor_bytes
 from ..storage.registry import format_names, format_of_file
@@ -34,6 +36,7 @@ class Report:
     records: int = 0
     rederived: int = 0
     problems: list[str] = field(default_factory=list)
+    incomplete: bool = False   # planned files missing or temporary files left: an interrupted run
 
     @property
     def ok(self) -> bool:
@@ -49,7 +52,11 @@ def verify_plan(plan: Plan, *, sample: int | None = None, rederive: int = 0, see
     report = Report()
     rng = random.Random(seed)
     root = plan.target_root
-    digests, journaled = journal.read(root)
+    try:
+        digests, journaled = journal.read(root)
+    except StreamconvError as exc:
+        report.problems.append(str(exc))
+        return report
     if journal.plan_digest(plan) not in digests:
         report.problems.append(f"{journal.path_of(root)}: no run of this plan is journaled here. Run the plan "
                                f"(or pass the save dir that it wrote).")
@@ -60,10 +67,12 @@ def verify_plan(plan: Plan, *, sample: int | None = None, rederive: int = 0, see
         path = os.path.join(root, *f.path.split("/"))
         report.files += 1
         if not os.path.isfile(path):
-            report.problems.append(f"{path}: missing. Run the plan again to resume.")
+            report.incomplete = True
+            report.problems.append(f"{path}: missing (incomplete output). Run the plan again to resume.")
             continue
         rec = journaled.get(f.path)
         if rec is None:
+            report.incomplete = True
             report.problems.append(f"{path}: not journaled as complete. Run the plan again to resume.")
             continue
         check = format_of(f).check_file(path, rec, layout_of(f))
@@ -95,17 +104,39 @@ def _rederive(plan: Plan, k: int, rng: random.Random, report: Report) -> None:
 
 
 def verify_dir(root: str) -> Report:
-    """Check a save dir from its journal alone: each journaled file exists at its journaled size, and its
-    format (sniffed from its first bytes) re-checks it against the journaled checksums with the file's own
-    index: per tensor for safetensors (header order, the order ``finish`` journals), per zip record for .pt
-    (``zipfile.testzip`` too), the whole file for text."""
+    """Check a save dir from its journal alone: the last run's every planned file is there and journaled as
+    complete (else the output is *incomplete*: a killed run, leftover temporary files), each journaled file
+    exists at its journaled size, and its format (sniffed from its first bytes) re-checks every byte against
+    the journal: per tensor, then the bytes between tensors (headers, pickle, zip directory) through the
+    journaled whole-file CRC.  Nothing outside ``root`` is read: a journal path that leaves it is refused."""
     report = Report()
-    digests, journaled = journal.read(root)
+    try:
+        digests, journaled, planned = journal.read_runs(root)
+    except StreamconvError as exc:
+        report.problems.append(str(exc))
+        return report
     if not digests:
         report.problems.append(f"{journal.path_of(root)}: no run journal; was this directory written by streamconv?")
+    real_root = os.path.realpath(root)
+    missing = [p for p in (planned or []) if p not in journaled]
+    partial = sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root)
+                     for n in names if n.endswith(TEMP_SUFFIX))
+    if missing or partial:
+        report.incomplete = True
+        what = []
+        if missing:
+            what.append(f"{len(planned) - len(missing)} of {len(planned)} planned files complete (missing "
+                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+        if partial:
+            what.append(f"temporary files of an interrupted run ({', '.join(partial[:3])}"
+                        f"{' ...' if len(partial) > 3 else ''})")
+        report.problems.append(f"{root}: incomplete: {'; '.join(what)}. Run the plan again to resume.")
     for rel, rec in sorted(journaled.items()):
         path = os.path.join(root, *rel.split("/"))
         report.files += 1
+        if not is_inside(os.path.realpath(path), real_root):
+            report.problems.append(f"{path}: leaves the save dir through a symlink; not read.")
+            continue
         if not os.path.isfile(path) or os.path.getsize(path) != rec.get("size"):
             report.problems.append(f"{path}: missing or not at its journaled size {rec.get('size')}.")
             continue

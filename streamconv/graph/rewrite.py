@@ -27,8 +27,7 @@ import math
 
 from .. import types
 from .node import (BlockScaleArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg, TransposeArg, ViewArg,
-                   cast, cat, dequant_fp8_block, fp8_block_scale, make, narrow_dim, quant_fp8_block, read, slice_,
-                   transpose, view)
+                   cast, cat, dequant_fp8_block, fp8_block_scale, make, narrow_dim, quant_fp8_block, read, transpose, view)
 
 
 def narrow(x: Node, dim: int, start: int, stop: int) -> Node:

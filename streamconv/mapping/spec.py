@@ -103,6 +103,7 @@ class ModelConfig(Protocol):
 
 
 MAX_INT = 1 << 20   # no dimension of a real model is larger (vocabularies are ~2**18)
+MAX_EXPERT_LAYERS = 1 << 17   # layers x experts: the HF table holds 3 tensors per expert and layer
 
 # Small files of an HF model directory that make an export load as is (copied from --hf-config).
 COMPANIONS = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -222,6 +223,10 @@ class ModelSpec:
                 problems.append(f"{where}: {f.name}: {value} is beyond any real model (at most "
                                 f"{self.limits.get(f.name, MAX_INT)}). Check config.json.")
         if not problems:
+            layers = cfg.num_hidden_layers + cfg.mtp_layers
+            if layers * max(cfg.num_experts, 1) > MAX_EXPERT_LAYERS:
+                problems.append(f"{where}: {layers} layers x {cfg.num_experts} experts: beyond any real model (at most "
+                                f"{MAX_EXPERT_LAYERS} expert-layers; the largest releases have about 62 x 256). Check config.json.")
             problems += [f"{where}: {name}: {why}" for name, why in self.relations(cfg)]
         return problems
 

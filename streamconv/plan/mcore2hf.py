@@ -14,13 +14,14 @@ import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-from ..errors import ValidationError
+from ..errors import FormatError, ValidationError
 from ..graph.node import Node, fp8_block_scale, quant_fp8_block, read
 from ..layout.options import McoreOptions
 from ..layout.parallel import ParallelSizes
 from ..mapping.assemble import build_hf_tensors, build_rank_tensors, output_config, output_to_source_layer
 from ..mapping.spec import ModelSpec
 from ..models import model_for_config
+from ..storage import fileio
 from .mcore_source import McoreSource
 from .plan import OutputFile, OutputTensor, Plan, ReplicaCheck, SourceFile
 from .sources import INDEX_NAME, HFSource
@@ -28,6 +29,7 @@ from .sources import INDEX_NAME, HFSource
 RECORD = "streamconv_source.json"   # written by hf2mcore next to the tracker: HF config and layout
 CONFIG = "config.json"
 COMPANION_LIMIT = 64 << 20
+SMALL_JSON = 64 << 20              # config.json, the record: a few KB in practice
 AUTO_VERIFY_BYTES = 8 << 30         # --verify-replicas defaults on when the extra copies are at most this
 
 
@@ -44,14 +46,12 @@ class ExportOptions:
 def read_record(load_dir: str) -> dict:
     """What hf2mcore recorded next to the checkpoint (empty when it was not written by streamconv)."""
     path = os.path.join(load_dir, RECORD)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return {}
     try:
-        with open(path, "rb") as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else {}
-    except ValueError:
-        raise ValidationError(f"{path}: not valid JSON. Delete it and pass --hf-config and the layout flags.") from None
+        return fileio.read_json(path, SMALL_JSON, what="streamconv record")
+    except FormatError as exc:
+        raise ValidationError(f"{exc} Delete it and pass --hf-config and the layout flags.") from None
 
 
 def record_text(hf_config: dict, sizes: ParallelSizes, options: McoreOptions) -> str:
@@ -75,14 +75,15 @@ def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     if export.fp8_export and spec.quant is None:
         raise ValidationError(f"--fp8-export: {spec.title} has no block FP8 release format; drop the flag.")
     expected, replicas = _expected_layout(spec, cfg, sizes, options)
-    src = McoreSource(load_dir, sizes, list(expected), iteration)
+    source_root, (prefix, scales_prefix) = common_root(load_dir, export.fp8_scales_from)
+    src = McoreSource(load_dir, sizes, list(expected), iteration, prefix=prefix)
     src.check(expected)
     tensors = build_hf_tensors(spec, cfg, sizes, options, src)
     out_cfg, out_fields = output_config(spec, cfg, sizes, options)
 
     source_files = list(src.files)
     if export.fp8_export:
-        tensors, scale_files = _fp8_export(spec, cfg, out_cfg, sizes, options, tensors, load_dir,
+        tensors, scale_files = _fp8_export(spec, cfg, out_cfg, sizes, options, tensors, scales_prefix,
                                            export.fp8_scales_from)
         source_files += scale_files
     checks = _replica_checks(src, replicas, export.verify_replicas)
@@ -97,7 +98,7 @@ def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options
 
     return Plan(
         kind="mcore2hf",
-        source_root=load_dir,
+        source_root=source_root,
         source_files=tuple(source_files),
         target_root=save_dir,
         files=tuple(files),
@@ -109,6 +110,23 @@ def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options
 
 
 # --- config --------------------------------------------------------------------------------------------------------
+
+def common_root(load_dir: str, other: str | None) -> tuple[str, tuple[str, str]]:
+    """The plan's source root when a plan reads a second directory, and each directory's prefix under it: every
+    source file is then named relative to one root (the rule of :mod:`streamconv.plan.trust`).  Without a
+    second directory the root is ``load_dir`` as given, so a plan made with relative paths runs anywhere."""
+    if not other:
+        return load_dir, ("", "")
+    a, b = os.path.abspath(load_dir), os.path.abspath(other)
+    common = os.path.commonpath([a, b])
+
+    def prefix(p: str) -> str:
+        rel = os.path.relpath(p, common)
+        return "" if rel == "." else rel.replace(os.sep, "/") + "/"
+
+    root = common if os.path.isabs(load_dir) else os.path.relpath(common)
+    return root, (prefix(a), prefix(b))
+
 
 def _config_origin(load_dir: str, hf_config_dir: str | None) -> str:
     return os.path.join(hf_config_dir, CONFIG) if hf_config_dir else os.path.join(load_dir, RECORD)
@@ -124,15 +142,11 @@ def _hf_config(load_dir: str, hf_config_dir: str | None) -> dict:
         return cfg
     path = os.path.join(hf_config_dir, CONFIG)
     try:
-        with open(path, "rb") as f:
-            cfg = json.load(f)
+        return fileio.read_json(path, SMALL_JSON, what="config.json")
     except FileNotFoundError:
         raise ValidationError(f"{path}: missing. --hf-config must be an HF model directory with config.json.") from None
-    except ValueError as exc:
-        raise ValidationError(f"{path}: not valid JSON ({exc}).") from None
-    if not isinstance(cfg, dict):
-        raise ValidationError(f"{path}: not a JSON object.")
-    return cfg
+    except FormatError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 def _companions(spec: ModelSpec, hf_config_dir: str | None) -> list[tuple[str, str]]:
@@ -142,10 +156,11 @@ def _companions(spec: ModelSpec, hf_config_dir: str | None) -> list[tuple[str, s
         p = os.path.join(hf_config_dir, name)
         if os.path.isfile(p) and os.path.getsize(p) <= COMPANION_LIMIT:
             try:
-                with open(p, encoding="utf-8") as f:
-                    companions.append((name, f.read()))
+                companions.append((name, fileio.read_small(p, COMPANION_LIMIT, what=name).decode("utf-8")))
             except UnicodeDecodeError:
                 raise ValidationError(f"{p}: not UTF-8 text; remove it from --hf-config or fix it.") from None
+            except FormatError as exc:
+                raise ValidationError(str(exc)) from None
     return companions
 
 
@@ -204,7 +219,7 @@ def _replica_checks(src: McoreSource, replicas, verify: bool | None) -> tuple[Re
 
 # --- FP8 export --------------------------------------------------------------------------------------------------------
 
-def _fp8_export(spec: ModelSpec, cfg, out_cfg, sizes, options, tensors: dict[str, Node], load_dir: str,
+def _fp8_export(spec: ModelSpec, cfg, out_cfg, sizes, options, tensors: dict[str, Node], scales_prefix: str,
                 scales_from: str | None) -> tuple[dict[str, Node], list[SourceFile]]:
     """Linear weights re-quantized to the family's block FP8 format with their scales right after them."""
     q = spec.quant
@@ -213,9 +228,8 @@ def _fp8_export(spec: ModelSpec, cfg, out_cfg, sizes, options, tensors: dict[str
     rename = output_to_source_layer(spec, cfg, sizes, options)
     if scales_from:
         original = HFSource(scales_from, q)
-        rel = os.path.relpath(original.root, os.path.abspath(load_dir))
         for f in original.files:
-            files.append(SourceFile(f"{rel}/{f.name}", f.size, f.header_sha256))
+            files.append(SourceFile(scales_prefix + f.name, f.size, f.header_sha256))
     out: dict[str, Node] = {}
     problems = []
     for name, node in tensors.items():
@@ -240,7 +254,7 @@ def _fp8_export(spec: ModelSpec, cfg, out_cfg, sizes, options, tensors: dict[str
             shard = original.tensors[src_name][0]
             # the original scales wherever the weights still fit them: exact for unchanged weights, and a
             # fine-tuned weight that grew past its block's range gets a fresh scale instead of being clipped
-            scale = fp8_block_scale(node, block=q.block, prefer=read(f"{rel}/{shard}", src_name, info.dtype,
+            scale = fp8_block_scale(node, block=q.block, prefer=read(scales_prefix + shard, src_name, info.dtype,
                                                                      info.shape, offset=info.start))
         out[name] = quant_fp8_block(node, scale, block=q.block)
         out[name + q.scale_suffix] = scale

@@ -13,6 +13,7 @@ import os
 from ..errors import FormatError, ValidationError
 from ..graph.node import Node, read
 from ..layout.parallel import ParallelSizes, RankFile, iter_dir, rank_dir
+from ..storage import fileio
 from ..storage import torchzip_reader as ptr
 from ..storage.megatron_pt import MEGATRON_PT, is_model_group
 from .plan import SourceFile
@@ -26,11 +27,12 @@ def iteration_dir(root: str, iteration: str | None = None) -> str:
     if iteration is None:
         path = os.path.join(root, TRACKER)
         try:
-            with open(path) as f:
-                iteration = f.read().strip()
+            iteration = fileio.read_small(path, 64, what="tracker").decode("ascii", "replace").strip()
         except FileNotFoundError:
             raise ValidationError(f"{path}: missing; is {root} a Megatron checkpoint directory? Pass the --save-dir "
                                   f"of training (or --iteration N).") from None
+        except FormatError as exc:
+            raise ValidationError(str(exc)) from None
     if iteration == "release":
         return "release"
     try:
@@ -60,8 +62,12 @@ def read_args(root: str, iteration: str | None = None) -> dict:
 class McoreSource:
     """The rank files of one iteration of an mcore checkpoint, parsed without reading tensor data."""
 
-    def __init__(self, root: str, sizes: ParallelSizes, ranks: list[RankFile], iteration: str | None = None):
+    def __init__(self, root: str, sizes: ParallelSizes, ranks: list[RankFile], iteration: str | None = None,
+                 prefix: str = ""):
+        """``prefix``: where ``root`` lies under the plan's source root ('' when it is the source root), so
+        plan file names stay relative to that root."""
         self.root = os.path.abspath(root)
+        self.prefix = prefix
         self.sizes = sizes
         self.iteration = iteration_dir(self.root, iteration)
         self.files: list[SourceFile] = []
@@ -70,6 +76,10 @@ class McoreSource:
         self._load(ranks)
 
     def rel(self, r: RankFile) -> str:
+        """The rank file's name in the plan (relative to the plan's source root)."""
+        return self.prefix + self.local(r)
+
+    def local(self, r: RankFile) -> str:
         return f"{self.iteration}/{rank_dir(r, self.sizes)}/{RANK_FILE}"
 
     def _load(self, ranks: list[RankFile]) -> None:
@@ -86,7 +96,7 @@ class McoreSource:
                             f"{' ...' if len(strays) > 4 else ''}). Pass the --source-tensor/pipeline/expert-"
                             f"parallel-size (and layout flags) the checkpoint was trained with.")
         for r in ranks:
-            path = os.path.join(self.root, *self.rel(r).split("/"))
+            path = os.path.join(self.root, *self.local(r).split("/"))
             if not os.path.isfile(path):
                 problems.append(f"{path}: missing. The flags imply this rank file; check the parallel sizes, or "
                                 f"restore the file.")

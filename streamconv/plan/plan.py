@@ -14,7 +14,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 from .. import __version__
-from ..errors import GraphError, PlanError
+from ..errors import FormatError, GraphError, PlanError
 from ..graph.codec import NodeTable, nodes_from_json
 from ..graph.node import Node
 from ..storage import fileio
@@ -126,42 +126,74 @@ class Plan:
 
     @classmethod
     def from_json(cls, obj: dict, *, path: str = "plan") -> "Plan":
-        if not isinstance(obj, dict):
-            raise PlanError(f"{path}: not a streamconv plan (expected a JSON object).")
+        """A plan from its JSON object.  Plans are untrusted input: every field is checked for its type, and a
+        wrong one is one error naming the field (``target.files[3].tensors[0]: expected ...``).  Checks against
+        the files a plan names are :func:`streamconv.plan.trust.audit`'s, at run time."""
+        f = _Fields(path)
+        f.obj(obj, "plan")
         version = obj.get("schema_version")
         if version != SCHEMA_VERSION:
             raise PlanError(f"{path}: schema_version {version!r} (expected {SCHEMA_VERSION}). "
                             f"Re-create the plan with this streamconv version.")
         try:
-            nodes = nodes_from_json(obj["nodes"])
-            files = []
-            for f in obj["target"]["files"]:
-                rel = _safe_relpath(f["path"], path)
-                if f["format"] not in format_names():
-                    raise PlanError(f"{path}: {rel}: unknown format {f['format']!r} (expected one of "
-                                    f"{format_names()}).")
-                tensors = tuple(OutputTensor(g, n, nodes[i], int(seq)) for g, n, i, seq in f.get("tensors", ()))
-                attrs = tuple((k, _attr_from_json(v, rel)) for k, v in f.get("attrs", ()))
-                groups = tuple(f.get("groups", ()))
-                if not all(isinstance(g, str) for g in groups):
-                    raise PlanError(f"{path}: {rel}: groups must be strings.")
-                files.append(OutputFile(rel, f["format"], tensors, attrs, f.get("text"), groups))
-            return cls(
-                kind=obj["kind"],
-                source_root=obj["source"]["root"],
-                source_files=tuple(SourceFile(n, int(s), h) for n, s, h in obj["source"]["files"]),
-                target_root=obj["target"]["root"],
-                files=tuple(files),
-                dropped=tuple(Dropped(n, r) for n, r in obj.get("dropped", ())),
-                options=dict(obj.get("options") or {}),
-                checks=tuple(ReplicaCheck(label, tuple(nodes[i] for i in ids), tuple(where))
-                             for label, ids, where in obj.get("checks", ())),
-                created_by=obj.get("created_by", ""),
-            )
+            nodes = nodes_from_json(f.list(obj, "nodes"))
         except GraphError as exc:
-            raise PlanError(f"{path}: {exc}") from None
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise PlanError(f"{path}: malformed plan ({exc.__class__.__name__}: {exc}).") from None
+            raise PlanError(f"{path}: nodes: {exc}") from None
+
+        def node(i, where):
+            if type(i) is not int or not 0 <= i < len(nodes):
+                raise PlanError(f"{path}: {where}: {i!r} is not an index of the {len(nodes)}-node table.")
+            return nodes[i]
+
+        source = f.obj(obj.get("source"), "source")
+        target = f.obj(obj.get("target"), "target")
+        files = []
+        for k, entry in enumerate(f.list(target, "files", "target.files")):
+            where = f"target.files[{k}]"
+            f.obj(entry, where)
+            rel = _safe_relpath(f.str(entry, "path", where), path)
+            fmt = f.str(entry, "format", where)
+            if fmt not in format_names():
+                raise PlanError(f"{path}: {rel}: unknown format {fmt!r} (expected one of {format_names()}).")
+            tensors = []
+            for j, row in enumerate(f.list(entry, "tensors", where, default=[])):
+                w = f"{where}.tensors[{j}]"
+                g, n, i, seq = f.row(row, (str, str, int, int), w, "[group, name, node, seq]")
+                tensors.append(OutputTensor(g, n, node(i, w), seq))
+            attrs = []
+            for j, row in enumerate(f.list(entry, "attrs", where, default=[])):
+                key, value = f.row(row, (str, object), f"{where}.attrs[{j}]", "[key, value]")
+                attrs.append((key, _attr_from_json(value, f"{path}: {rel}")))
+            groups = tuple(f.row(entry.get("groups", []), (str,) * len(entry.get("groups", []) or []),
+                                 f"{where}.groups", "[group, ...]")) if "groups" in entry else ()
+            text = entry.get("text")
+            if text is not None and not isinstance(text, str):
+                raise PlanError(f"{path}: {where}.text: expected a string, got {type(text).__name__}.")
+            files.append(OutputFile(rel, fmt, tuple(tensors), tuple(attrs), text, groups))
+        source_files = tuple(SourceFile(*f.row(row, (str, int, str), f"source.files[{j}]", "[name, size, digest]"))
+                             for j, row in enumerate(f.list(source, "files", "source.files")))
+        checks = []
+        for j, row in enumerate(f.list(obj, "checks", default=[])):
+            w = f"checks[{j}]"
+            label, ids, where_ = f.row(row, (str, list, list), w, "[label, [node, ...], [where, ...]]")
+            checks.append(ReplicaCheck(label, tuple(node(i, w) for i in ids),
+                                       tuple(f.row(where_, (str,) * len(where_), w, "[where, ...]"))))
+        options = obj.get("options") or {}
+        if not isinstance(options, dict):
+            raise PlanError(f"{path}: options: expected an object, got {type(options).__name__}.")
+        created_by = obj.get("created_by", "")
+        return cls(
+            kind=f.str(obj, "kind"),
+            source_root=f.str(source, "root", "source"),
+            source_files=source_files,
+            target_root=f.str(target, "root", "target"),
+            files=tuple(files),
+            dropped=tuple(Dropped(*f.row(row, (str, str), f"dropped[{j}]", "[name, reason]"))
+                          for j, row in enumerate(f.list(obj, "dropped", default=[]))),
+            options=dict(options),
+            checks=tuple(checks),
+            created_by=created_by if isinstance(created_by, str) else "",
+        )
 
     def save(self, path: str) -> None:
         """Write the plan as JSON, atomically."""
@@ -171,13 +203,52 @@ class Plan:
     @classmethod
     def load(cls, path: str) -> "Plan":
         try:
-            with open(path, "rb") as f:
-                obj = json.loads(f.read())
+            obj = fileio.read_json(path, MAX_PLAN_BYTES, what="plan")
         except FileNotFoundError:
             raise PlanError(f"{path}: plan file not found.") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"{path}: not valid JSON ({exc}).") from None
+        except FormatError as exc:
+            raise PlanError(str(exc)) from None
         return cls.from_json(obj, path=path)
+
+
+MAX_PLAN_BYTES = 4 << 30   # a 671B plan is ~40 MB of JSON
+
+
+class _Fields:
+    """Type checks of a plan's JSON with errors naming the field."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, where: str, want: str, got) -> PlanError:
+        return PlanError(f"{self.path}: {where}: expected {want}, got {type(got).__name__} {str(got)[:40]!r}.")
+
+    def obj(self, value, where: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(where, "a JSON object", value)
+        return value
+
+    def list(self, parent: dict, key: str, where: str | None = None, default=None) -> list:
+        where = where or key
+        if key not in parent and default is not None:
+            return default
+        value = parent.get(key)
+        if not isinstance(value, list):
+            raise self.fail(where, "a list", value)
+        return value
+
+    def str(self, parent: dict, key: str, where: str | None = None) -> str:
+        value = parent.get(key)
+        if not isinstance(value, str):
+            raise self.fail(f"{where}.{key}" if where else key, "a string", value)
+        return value
+
+    def row(self, value, types_: tuple, where: str, shape: str) -> list:
+        if not isinstance(value, list) or len(value) != len(types_) or not all(
+                t is object or (isinstance(v, t) and not (t is int and isinstance(v, bool)))
+                for v, t in zip(value, types_)):
+            raise self.fail(where, shape, value)
+        return value
 
 
 NAMESPACE = "__namespace__"   # JSON form of an argparse.Namespace attr: {"__namespace__": {field: scalar}}

@@ -6,11 +6,11 @@ every tensor is either consumed by some output, or declared dropped with a reaso
 
 from __future__ import annotations
 
-import json
 import os
 
-from ..errors import ValidationError
+from ..errors import FormatError, ValidationError
 from ..graph.node import Node, dequant_fp8_block, read
+from ..storage import fileio
 from ..storage import safetensors as st
 from ..storage.safetensors_dir import INDEX_NAME, read_dir  # noqa: F401  (INDEX_NAME: the planners use it)
 from .plan import SourceFile
@@ -37,16 +37,12 @@ class HFSource:
     def config(self) -> dict:
         path = os.path.join(self.root, "config.json")
         try:
-            with open(path, "rb") as f:
-                obj = json.load(f)
+            return fileio.read_json(path, 64 << 20, what="config.json")
         except FileNotFoundError:
             raise ValidationError(f"{path}: missing. streamconv takes every dimension from config.json; "
                                   f"copy it next to the shards.") from None
-        except ValueError as exc:
-            raise ValidationError(f"{path}: not valid JSON ({exc}).") from None
-        if not isinstance(obj, dict):
-            raise ValidationError(f"{path}: not a JSON object.")
-        return obj
+        except FormatError as exc:
+            raise ValidationError(str(exc)) from None
 
     # --- SourceTensors -------------------------------------------------------------------------------------------
     def has(self, name: str) -> bool:

@@ -126,6 +126,54 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def read_small(path: str, limit: int, *, what: str = "file") -> bytes:
+    """The bytes of a small regular file, refusing what is not one: a directory, a FIFO or device (a
+    symlink to /dev/zero), or a file over ``limit`` bytes.  One-line :class:`FormatError` naming the path."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read the {what} ({exc.strerror}).") from None
+    import stat as _stat
+
+    if _stat.S_ISDIR(st.st_mode):
+        raise FormatError(f"{path}: is a directory, expected the {what}. Point at the file itself.")
+    if not _stat.S_ISREG(st.st_mode):
+        raise FormatError(f"{path}: not a regular file (a FIFO, device or socket), expected the {what}.")
+    if st.st_size > limit:
+        raise FormatError(f"{path}: {st.st_size} bytes, more than any {what} holds (at most {limit}). Is it the "
+                          f"right file?")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read the {what} ({exc.strerror}).") from None
+    if len(data) > limit:
+        raise FormatError(f"{path}: more than {limit} bytes, more than any {what} holds.")
+    return data
+
+
+def read_json(path: str, limit: int, *, what: str = "file", kind: type = dict):
+    """A small JSON file of type ``kind`` (object by default), with one-line errors for every way it can be
+    wrong: not a regular file, too big, not UTF-8, not JSON, nested too deep, not of that type."""
+    import json
+
+    data = read_small(path, limit, what=what)
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected the {what}.") from None
+    except RecursionError:
+        raise FormatError(f"{path}: JSON nested too deeply to be the {what}.") from None
+    except ValueError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc}); expected the {what}.") from None
+    if not isinstance(obj, kind):
+        raise FormatError(f"{path}: a JSON {type(obj).__name__}, expected the {what} as a JSON "
+                          f"{'object' if kind is dict else kind.__name__}.")
+    return obj
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write a small file under a temporary name, fsync it, and rename it into place."""
     tmp = temp_name(path)
@@ -145,44 +193,47 @@ def temp_name(path: str) -> str:
     return path + ".partial"
 
 
-# --- CRC32 of a concatenation from the CRCs of its parts (zlib's crc32_combine, GF(2) matrices) -------------
+# --- CRC32 of a concatenation from the CRCs of its parts (zlib's crc32_combine) ----------------------------------
+#
+# CRC32 is a polynomial remainder, so crc(A + B) = crc(A) * x^(8 len B) + crc(B) (mod P).  x^(2^k) mod P is
+# tabulated once; multiplying by x^(8n) is then one table product per set bit of n (zlib >= 1.2.12's method).
 
-def _gf2_times(mat: list[int], vec: int) -> int:
-    acc = 0
-    i = 0
-    while vec:
-        if vec & 1:
-            acc ^= mat[i]
-        vec >>= 1
-        i += 1
-    return acc
+_POLY = 0xEDB88320  # reflected CRC-32 polynomial
 
 
-def _gf2_square(mat: list[int]) -> list[int]:
-    return [_gf2_times(mat, mat[n]) for n in range(32)]
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial (reflected bit order: bit 31 is x^0)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^1
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))  # x^(2^k)
+
+
+def _x2nmodp(n: int, k: int) -> int:
+    """x^(n * 2^k) modulo the CRC polynomial."""
+    p = 1 << 31  # x^0
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
 
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """CRC32 of ``A + B`` given ``crc32(A)``, ``crc32(B)`` and ``len(B)``."""
     if len2 <= 0:
         return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]
-    even = _gf2_square(odd)
-    odd = _gf2_square(even)
-    while True:
-        even = _gf2_square(odd)
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
+    return _multmodp(_x2nmodp(len2, 3), crc1) ^ crc2
 
 
 def crc32_of_range(path: str, start: int, end: int, chunk: int = 64 << 20) -> int:

@@ -53,10 +53,15 @@ def tensor_bytes(t: torch.Tensor) -> np.ndarray:
 def create_temp(path: str, size: int, head: bytes = b"") -> None:
     """Make ``fileio.temp_name(path)`` at ``size`` bytes (sparse) with ``head`` written at offset 0.
 
-    An existing temporary file is truncated: a new run never trusts the bytes of an old one."""
+    It must not exist: a new run never trusts (or shares) the bytes of another one."""
     tmp = fileio.temp_name(path)
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Exclusive: two writers can never share a temporary file.  The executor removes the leftovers of a
+        # killed run (under its lock) before creating anew.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        raise ExecutionError(f"{tmp}: already exists: another writer is producing this file. Only one run may "
+                             f"write a save dir at a time.") from None
     except OSError as exc:
         raise fileio.write_error(tmp, exc) from exc
     try:
@@ -172,6 +177,33 @@ def abort(path: str) -> None:
         os.unlink(fileio.temp_name(path))
     except FileNotFoundError:
         pass
+
+
+def file_crc32(path: str, size: int, spans: Sequence[tuple[int, int]], crcs: Sequence[int]) -> int:
+    """CRC32 of the whole file from the CRCs of its data spans (``crcs[i]`` for ``spans[i]``, as ``finish``
+    returns them) and the bytes between them, which are read (headers, pickles, directories: small)."""
+    parts = sorted(zip(spans, crcs))
+    total, pos = 0, 0
+    for (start, end), crc in parts + [((size, size), 0)]:
+        if start > pos:
+            total = fileio.crc32_combine(total, fileio.crc32_of_range(path, pos, start), start - pos)
+        if end > start:
+            total = fileio.crc32_combine(total, crc, end - start)
+        pos = max(pos, end)
+    return total
+
+
+def file_crc_problem(path: str, record: dict, spans: Sequence[tuple[int, int]]) -> str | None:
+    """The whole file against the journaled ``file_crc32``: with the data spans already checked against their
+    journaled CRCs, this reads only the bytes between them, so every byte of the file is covered."""
+    want = record.get("file_crc32")
+    if want is None:
+        return None  # journaled by a version that did not record it
+    got = file_crc32(path, os.path.getsize(path), spans, record.get("crc32") or [])
+    if got != want:
+        return (f"{path}: bytes outside the tensor data (headers, pickle, zip directory) differ from the journal "
+                f"(corrupted on disk?). Delete the file and run the plan again.")
+    return None
 
 
 # --- checking a finished file (``check_file`` with a layout) ---------------------------------------------------

@@ -449,7 +449,8 @@ class SafetensorsFormat(TensorFormat):
             return FileCheck(len(tensors), [f"{path}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: "
                                             f"checksum differs from the journal (corrupted on disk?). Delete the "
                                             f"file and run the plan again."])
-        return FileCheck(len(tensors), [])
+        problem = _pieces.file_crc_problem(path, record, [(t.start, t.end) for t in tensors])  # the header too
+        return FileCheck(len(tensors), [problem] if problem else [])
 
 
 SAFETENSORS = SafetensorsFormat()

@@ -10,11 +10,11 @@ adds coverage accounting on top.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import dataclass
 
-from ..errors import ValidationError
+from ..errors import FormatError, ValidationError
+from . import fileio
 from .safetensors import SAFETENSORS, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -83,16 +83,17 @@ def read_dir(root: str) -> SafetensorsDir:
 
 def _weight_map(index_path: str) -> dict[str, str] | None:
     """The index's ``weight_map`` (tensor name -> shard), or None when there is no index."""
-    if not os.path.exists(index_path):
+    if not os.path.lexists(index_path):
         return None
     try:
-        with open(index_path, "rb") as f:
-            weight_map = json.load(f)["weight_map"]
-        if not isinstance(weight_map, dict):
+        weight_map = fileio.read_json(index_path, 1 << 30, what="safetensors index")["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except FormatError as exc:
+        raise ValidationError(str(exc)) from None
+    except (KeyError, TypeError):
         raise ValidationError(f"{index_path}: not a valid safetensors index (expected a 'weight_map' "
-                              f"object). Re-create or re-download it.") from None
+                              f"object of shard names). Re-create or re-download it.") from None
     return weight_map
 
 

@@ -246,14 +246,33 @@ def read_pt(path: str) -> PtFile:
     return PtFile(path, obj, records, digest)
 
 
-def tensors(obj, prefix: tuple = ()) -> dict[tuple, TensorRef]:
-    """Every TensorRef in an unpickled structure, keyed by its path of dict keys."""
+# A walk of the unpickled structure is bounded: a pickle can share one dict among many parents (a few KB can
+# describe a "billion laughs" DAG whose tree has 2**40 paths), and nest dicts arbitrarily deep.  No checkpoint
+# comes near these limits (a rank file holds thousands of keys, a few levels deep).
+MAX_VISITS = 1 << 20
+MAX_DEPTH = 64
+
+
+def tensors(obj, prefix: tuple = (), *, path: str = "data.pkl") -> dict[tuple, TensorRef]:
+    """Every TensorRef in an unpickled structure, keyed by its path of dict keys (depth first, in dict order).
+
+    Raises a one-line :class:`FormatError` when the structure is deeper than :data:`MAX_DEPTH` or its tree has
+    more than :data:`MAX_VISITS` entries."""
     out = {}
-    if isinstance(obj, TensorRef):
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(tensors(v, prefix + (k,)))
+    stack = [(obj, prefix)]
+    visits = 0
+    while stack:
+        node, key = stack.pop()
+        visits += 1
+        if visits > MAX_VISITS:
+            raise FormatError(f"{path}: the pickle's dicts reach more than {MAX_VISITS} entries (containers shared "
+                              f"many times over, as in a pickle bomb); not a checkpoint.")
+        if isinstance(node, TensorRef):
+            out[key] = node
+        elif isinstance(node, dict):
+            if len(key) >= MAX_DEPTH:
+                raise FormatError(f"{path}: dicts nested more than {MAX_DEPTH} deep; not a checkpoint.")
+            stack.extend((v, key + (k,)) for k, v in reversed(list(node.items())))
     return out
 
 

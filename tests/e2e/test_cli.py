@@ -1,11 +1,9 @@
 """The command line: MindSpeed flag names, --dry-run writes nothing, errors are one line with status 2."""
 
-import json
 import os
 import subprocess
 import sys
 
-import pytest
 
 from streamconv.cli.main import main
 from tests.reference import assert_same_checkpoint, load_mcore_dir, reference_hf_to_mcore

@@ -2,11 +2,9 @@
 huge allocation."""
 
 import json
-import os
 import struct
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
