@@ -63,16 +63,15 @@ def _plan_from_args(args) -> Plan:
 
 def cmd_plan(args) -> int:
     plan = _plan_from_args(args)
+    if not args.dry_run:
+        plan.save(args.output)
     print(report.plan_summary(plan))
-    if args.dry_run:
-        print("dry run: plan not saved")
-        return 0
-    plan.save(args.output)
-    print(f"plan saved to {args.output}")
+    print("dry run: plan not saved" if args.dry_run else f"plan saved to {args.output}")
     return 0
 
 
-def _execute(plan: Plan, args) -> int:
+def _execute(plan: Plan, args, plan_output: str | None = None) -> int:
+    """Run (or with --dry-run, check) ``plan``; ``plan_output`` is saved only once every check passed."""
     from ..execute.executor import preflight, run_plan
 
     opts = common.run_options(args)
@@ -83,9 +82,15 @@ def _execute(plan: Plan, args) -> int:
 
             check_replicas(plan, num_workers=opts.num_workers)
         print(report.plan_summary(plan))
+        if plan_output:
+            plan.save(plan_output)
+            print(f"plan saved to {plan_output}")
         print("dry run: checks passed, nothing written")
         return 0
-    result = run_plan(plan, opts)
+    result = run_plan(plan, opts, accepted=(lambda: plan.save(plan_output)) if plan_output else None)
+    if result.removed:
+        print(f"--overwrite: removed {len(result.removed)} file(s) of an earlier checkpoint "
+              f"({', '.join(result.removed[:4])}{' ...' if len(result.removed) > 4 else ''})")
     print(f"wrote {result.files} files, {report.human(result.bytes_written)} to {plan.target_root} "
           f"in {result.seconds:.1f} s ({report.human(int(result.bytes_written / max(result.seconds, 1e-9)))}/s)")
     return 0
@@ -96,10 +101,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    plan = _plan_from_args(args)
-    if args.plan_output and not args.dry_run:
-        plan.save(args.plan_output)
-    return _execute(plan, args)
+    return _execute(_plan_from_args(args), args, plan_output=args.plan_output)
 
 
 def cmd_verify(args) -> int:

@@ -18,6 +18,7 @@ import argparse
 import os
 
 from ..data import handlers
+from .common import parse_size
 
 
 def register(sub) -> None:
@@ -44,6 +45,11 @@ def register(sub) -> None:
                    help="instruction: truncate each sample to this many tokens (default: the reference's 100000)")
     p.add_argument("--workers", type=int, default=1, help="tokenizing threads (default 1)")
     p.add_argument("--log-interval", type=int, default=1000, help="rows between progress lines on stderr (0: none)")
+    p.add_argument("--max-row-bytes", type=parse_size, default=handlers.DEFAULT_MAX_ROW_BYTES, metavar="SIZE",
+                   help="a row with more text than this (default 64MiB) is a bad row: an error naming it, or dropped "
+                        "with --skip-bad-rows")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check flags, tokenizer and inputs; print the outputs that would be written; write nothing")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop rows with a null or non-string text (counted) instead of failing on the first one")
     p.add_argument("--batch-rows", type=int, default=1000,
@@ -68,13 +74,22 @@ def options_from_args(args):
                              tokenizer_type=args.tokenizer_type, json_keys=tuple(args.json_keys),
                              append_eod=args.append_eod, prompt_type=args.prompt_type, map_keys=args.map_keys,
                              seq_length=args.seq_length, skip_bad_rows=args.skip_bad_rows, workers=args.workers,
-                             scheduler=args.scheduler, batch_rows=args.batch_rows, log_interval=args.log_interval)
+                             scheduler=args.scheduler, batch_rows=args.batch_rows, log_interval=args.log_interval,
+                             max_row_bytes=args.max_row_bytes)
 
 
 def cmd_preprocess(args) -> int:
-    from ..data.preprocess import preprocess
+    from ..data.preprocess import check, preprocess
 
-    result = preprocess(options_from_args(args))
+    opts = options_from_args(args)
+    if args.dry_run:
+        _, files, skipped, prefixes = check(opts)
+        print(f"{len(files)} input file(s) checked{f', {len(skipped)} skipped' if skipped else ''}; would write:")
+        for prefix in prefixes.values():
+            print(f"  {prefix}.bin and .idx")
+        print("dry run: nothing written")
+        return 0
+    result = preprocess(opts)
     c = result.counts
     for f in result.skipped_files:
         print(f"skipped (not .parquet/.jsonl/.json): {f}")

@@ -30,6 +30,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"streamconv {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from . import data
 
@@ -94,12 +95,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except StreamconvError as exc:
-        print(f"streamconv: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("streamconv: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001  (no traceback reaches a user unless asked for)
+        if args.debug:
+            raise
+        code, line = describe_error(exc)
+        print(f"streamconv: error: {line}", file=sys.stderr)
+        return code
+
+
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """(exit status, one line) for an exception: 2 for what the user can fix (bad input, a path, a flag),
+    1 for a bug of ours (with the hint to rerun with --debug)."""
+    if isinstance(exc, StreamconvError):
+        return 2, str(exc)
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else "a file"
+        return 2, f"{where}: {exc.strerror or exc}. Check the path and its permissions."
+    if isinstance(exc, RecursionError):
+        return 2, "input nested too deeply to be a checkpoint, plan or dataset row."
+    if isinstance(exc, MemoryError):
+        return 2, "out of memory; lower --max-memory or check that the input is what you meant."
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return 1, f"internal error ({type(exc).__name__}: {first}). Rerun with --debug for the traceback, and report it."
 
 
 if __name__ == "__main__":

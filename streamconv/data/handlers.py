@@ -22,7 +22,7 @@ from itertools import chain
 import numpy as np
 
 from ..errors import SourceError, ValidationError
-from .inputs import MISSING, Batch
+from .inputs import MISSING, Batch, TooLarge
 from .templates import Template, fill
 from .tokenizer import Tokenizer
 
@@ -49,14 +49,36 @@ def _pack(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return tokens, lengths
 
 
-class _BadRows:
-    """Bad rows are an error naming the row, or counted and dropped with --skip-bad-rows."""
+DEFAULT_MAX_ROW_BYTES = 64 << 20   # far above any real document (a whole book is a few MB)
 
-    def __init__(self, skip: bool):
+
+class _BadRows:
+    """Bad rows are an error naming the row, or counted and dropped with --skip-bad-rows.  A row whose text
+    exceeds ``max_row_bytes`` (UTF-8) is bad too: tokenizing it would take many times its size in memory."""
+
+    def __init__(self, skip: bool, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES):
         self.skip = skip
+        self.max_row_bytes = max_row_bytes
+
+    def oversized(self, batch: Batch, i: int, values) -> bool:
+        """Whether row i's text values exceed the cap (raises unless --skip-bad-rows)."""
+        total = 0
+        for v in values:
+            if isinstance(v, str):
+                total += len(v) if len(v) * 4 <= self.max_row_bytes else len(v.encode("utf-8", "surrogatepass"))
+        if total <= self.max_row_bytes:
+            return False
+        if not self.skip:
+            raise SourceError(f"{batch.where(i)}: the row holds {total} bytes of text, over --max-row-bytes "
+                              f"{self.max_row_bytes}. Split the document, raise --max-row-bytes, or pass "
+                              f"--skip-bad-rows to drop such rows.")
+        return True
 
     def check(self, batch: Batch, i: int, column: str, value, *, kind: str = "a string") -> None:
-        if value is MISSING:
+        if isinstance(value, TooLarge):
+            what = f"the row is {value.size} bytes, over --max-row-bytes {value.limit}"
+            kind = "a smaller row; split the document or raise --max-row-bytes"
+        elif value is MISSING:
             what = f"no key {column!r} in the row"
         elif value is None:
             what = f"column {column!r} is null"
@@ -68,7 +90,8 @@ class _BadRows:
 
 
 class PretrainHandler:
-    def __init__(self, tokenizer: Tokenizer, json_keys: list[str], *, append_eod: bool, skip_bad_rows: bool):
+    def __init__(self, tokenizer: Tokenizer, json_keys: list[str], *, append_eod: bool, skip_bad_rows: bool,
+                 max_row_bytes: int = DEFAULT_MAX_ROW_BYTES):
         if not json_keys:
             raise ValidationError("--json-keys: no key given (expected at least one, e.g. text).")
         if append_eod and tokenizer.info.eos_id is None:
@@ -77,7 +100,7 @@ class PretrainHandler:
         self.tokenizer = tokenizer
         self.keys = list(json_keys)
         self.append_eod = append_eod
-        self.bad = _BadRows(skip_bad_rows)
+        self.bad = _BadRows(skip_bad_rows, max_row_bytes)
 
     @property
     def columns(self) -> list[str]:
@@ -94,6 +117,9 @@ class PretrainHandler:
                 if not isinstance(v, str) and good[i]:
                     self.bad.check(batch, i, key, v)
                     good[i] = False
+        for i in range(n):
+            if good[i] and self.bad.oversized(batch, i, [batch.columns[key][i] for key in self.keys]):
+                good[i] = False
         out, tokens, docs = {}, 0, 0
         eod = [self.tokenizer.info.eos_id] if self.append_eod else []
         for key in self.keys:
@@ -153,7 +179,7 @@ class InstructionHandler:
     NAMES = ("input_ids", "attention_mask", "labels")
 
     def __init__(self, tokenizer: Tokenizer, template: Template, map_keys: dict[str, str], *,
-                 seq_length: int | None, skip_bad_rows: bool):
+                 seq_length: int | None, skip_bad_rows: bool, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES):
         info = tokenizer.info
         if info.eos_id is None or (template.prefix_bos and info.bos_id is None):
             raise ValidationError(f"{info.path}: the {template.name} template needs bos_token and eos_token in "
@@ -162,7 +188,7 @@ class InstructionHandler:
         self.template = template
         self.keys = dict(map_keys)
         self.cutoff = seq_length or DEFAULT_CUTOFF
-        self.bad = _BadRows(skip_bad_rows)
+        self.bad = _BadRows(skip_bad_rows, max_row_bytes)
 
     @property
     def columns(self) -> list[str]:
@@ -174,6 +200,9 @@ class InstructionHandler:
     def _conversation(self, batch: Batch, i: int):
         """(turns [(user, assistant)], system) of row i; None when the row is dropped (null output) or bad."""
         get = {role: batch.columns[col][i] for role, col in self.keys.items()}
+        flat = [x for v in get.values() for x in (v if isinstance(v, list) else [v])]
+        if self.bad.oversized(batch, i, [y for x in flat for y in (x if isinstance(x, (list, tuple)) else [x])]):
+            return None
         response = get["response"]
         if response is None:
             return "dropped"

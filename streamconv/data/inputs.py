@@ -117,7 +117,18 @@ def empty_input_message(files: list[str]) -> str:
     return f"{shown}: no rows in the input (expected at least one). Check --input."
 
 
-def iter_batches(files: list[str], columns: list[str], batch_rows: int, *, start: tuple[int, int, int] = (0, 0, 0)):
+class TooLarge:
+    """Stands for a JSON-lines row longer than the cap: it is never read into memory whole."""
+
+    def __init__(self, size: int, limit: int):
+        self.size, self.limit = size, limit
+
+    def __repr__(self) -> str:
+        return f"<row of {self.size} bytes>"
+
+
+def iter_batches(files: list[str], columns: list[str], batch_rows: int, *, start: tuple[int, int, int] = (0, 0, 0),
+                 max_row_bytes: int | None = None):
     """Yield :class:`Batch` es of the corpus in order.  ``start`` = (batch index, file index, row in that
     file) resumes after a journaled batch without decoding the rows before it where the format allows."""
     index, first_file, first_row = start
@@ -127,7 +138,7 @@ def iter_batches(files: list[str], columns: list[str], batch_rows: int, *, start
         if path.endswith(".parquet"):
             rows = _parquet_rows(path, columns, batch_rows, skip)
         else:
-            rows = _json_rows(path, columns, batch_rows, skip)
+            rows = _json_rows(path, columns, batch_rows, skip, max_row_bytes)
         for row0, cols, lines in rows:
             yield Batch(index, fi, path, row0, cols, lines)
             index += 1
@@ -162,11 +173,13 @@ def _parquet_rows(path: str, columns: list[str], batch_rows: int, skip: int):
         yield first, pending, None
 
 
-def _json_rows(path: str, columns: list[str], batch_rows: int, skip: int):
+def _json_rows(path: str, columns: list[str], batch_rows: int, skip: int, max_row_bytes: int | None = None):
     cols: dict[str, list] = {c: [] for c in columns}
     lines: list[int] = []
     row = first = skip
-    for line, obj in _json_objects(path, skip):
+    for line, obj in _json_objects(path, skip, max_row_bytes):
+        if isinstance(obj, TooLarge):  # every column of the row is bad: the handler reports or skips it
+            obj = {c: obj for c in columns}
         if not isinstance(obj, dict):
             raise SourceError(f"{path}: row {row} (line {line}): a JSON {type(obj).__name__}, expected an object "
                               f"with keys {', '.join(columns)}. Fix the row.")
@@ -181,9 +194,10 @@ def _json_rows(path: str, columns: list[str], batch_rows: int, skip: int):
         yield first, cols, lines
 
 
-def _json_objects(path: str, skip: int):
+def _json_objects(path: str, skip: int, max_row_bytes: int | None = None):
     """(1-based line, decoded value) of each row of a JSON-lines or JSON-array file, the first ``skip`` rows
-    passed over (JSON lines: without decoding them)."""
+    passed over (JSON lines: without decoding them).  A JSON line longer than ``max_row_bytes`` is never held
+    whole: it is read past in chunks and given as a :class:`TooLarge`."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
         while not head and f.tell() < os.fstat(f.fileno()).st_size:
@@ -193,7 +207,12 @@ def _json_objects(path: str, skip: int):
             yield from _json_array(path, f, skip)
             return
         row = 0
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(_lines(f, max_row_bytes), 1):
+            if isinstance(raw, TooLarge):
+                if row >= skip:
+                    yield n, raw
+                row += 1
+                continue
             if not raw.strip():
                 continue
             if row >= skip:
@@ -203,6 +222,28 @@ def _json_objects(path: str, skip: int):
                     raise SourceError(f"{path}: line {n}: invalid JSON ({exc}). Fix the line "
                                       f"(one JSON object per line).") from None
             row += 1
+
+
+def _lines(f, limit: int | None):
+    """The lines of a binary file; a line longer than ``limit`` bytes becomes a :class:`TooLarge` (read past in
+    chunks, never held)."""
+    if limit is None:
+        yield from f
+        return
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or (len(line) == limit + 1 and line.endswith(b"\n")):
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = f.readline(1 << 20)
+            if not line:
+                break
+            size += len(line)
+        yield TooLarge(size, limit)
 
 
 def _json_array(path: str, f, skip: int, chunk: int = 1 << 20):

@@ -37,6 +37,9 @@ from . import indexed, inputs
 from .handlers import (HANDLERS, INSTRUCTION, PRETRAIN, Encoded, InstructionHandler, PretrainHandler,
                        parse_map_keys)
 from .templates import get_template
+from ..storage.lock import NAME as LOCK_NAME
+from ..storage.lock import TargetLock
+from .handlers import DEFAULT_MAX_ROW_BYTES
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class PreprocessOptions:
     scheduler: str = "threads"     # "threads" or "sync"
     batch_rows: int = 1000
     log_interval: int = 1000       # rows between log lines on stderr (0: none)
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES   # a row with more text is bad (error, or dropped with skip)
 
 
 @dataclass
@@ -91,6 +95,8 @@ def make_handler(opts: PreprocessOptions):
     if opts.workers < 1 or opts.batch_rows < 1 or opts.scheduler not in ("threads", "sync"):
         raise ValidationError(f"--workers {opts.workers}, --batch-rows {opts.batch_rows}, --scheduler "
                               f"{opts.scheduler!r}: expected workers >= 1, batch rows >= 1, scheduler threads or sync.")
+    if opts.max_row_bytes < 1:
+        raise ValidationError(f"--max-row-bytes {opts.max_row_bytes}: expected a positive size.")
     if opts.seq_length is not None and opts.seq_length < 1:
         raise ValidationError(f"--seq-length {opts.seq_length}: expected a positive number of tokens.")
     template = get_template(opts.prompt_type) if (opts.handler_name == INSTRUCTION or opts.prompt_type) else None
@@ -98,13 +104,15 @@ def make_handler(opts: PreprocessOptions):
     tok = load_tokenizer(opts.tokenizer_name_or_path)
     if opts.handler_name == PRETRAIN:
         return PretrainHandler(tok, list(opts.json_keys), append_eod=opts.append_eod,
-                               skip_bad_rows=opts.skip_bad_rows)
-    return InstructionHandler(tok, template, map_keys, seq_length=opts.seq_length, skip_bad_rows=opts.skip_bad_rows)
+                               skip_bad_rows=opts.skip_bad_rows, max_row_bytes=opts.max_row_bytes)
+    return InstructionHandler(tok, template, map_keys, seq_length=opts.seq_length, skip_bad_rows=opts.skip_bad_rows,
+                              max_row_bytes=opts.max_row_bytes)
 
 
 def run_digest(opts: PreprocessOptions, files: list[str], handler) -> str:
     """What the outputs depend on: input files (path, size, mtime), tokenizer files, flags; not the workers."""
-    flags = {k: v for k, v in asdict(opts).items() if k not in ("workers", "scheduler", "log_interval")}
+    flags = {k: v for k, v in asdict(opts).items() if k not in ("workers", "scheduler", "log_interval",
+                                                                 "max_row_bytes")}
     stamp = {"version": JOURNAL_VERSION, "flags": flags, "tokenizer": handler.tokenizer.info.digest,
              "inputs": [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]}
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=list).encode()).hexdigest()
@@ -224,17 +232,43 @@ def _segment_graph(pipe: _Pipeline, n: int, in_flight: int) -> dict:
     return dsk
 
 
-def preprocess(opts: PreprocessOptions, *, stream=None) -> PreprocessResult:
-    """Convert ``opts.input`` into the handler's indexed datasets at ``opts.output_prefix``."""
-    stream = stream or sys.stderr
-    started = time.monotonic()
+def check(opts: PreprocessOptions):
+    """Every check that needs no output: flags, tokenizer, input files and their columns.  Returns (handler,
+    files, skipped files, output prefixes); ``--dry-run`` stops here."""
     handler = make_handler(opts)
     files, skipped = inputs.list_inputs(opts.input)
     inputs.check_inputs(files, handler.columns)
-    prefixes = handler.output_names(opts.output_prefix)
+    out_dir = os.path.dirname(os.path.abspath(opts.output_prefix))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValidationError(f"--output-prefix {opts.output_prefix}: {out_dir} is not a directory.")
+    return handler, files, skipped, handler.output_names(opts.output_prefix)
+
+
+def preprocess(opts: PreprocessOptions, *, stream=None) -> PreprocessResult:
+    """Convert ``opts.input`` into the handler's indexed datasets at ``opts.output_prefix``, holding the
+    output's lock (``<prefix>.streamconv.lock``): a second run into the same prefix fails at once."""
+    stream = stream or sys.stderr
+    started = time.monotonic()
+    handler, files, skipped, prefixes = check(opts)
     digest = run_digest(opts, files, handler)
     jpath = journal_path(opts.output_prefix)
-    os.makedirs(os.path.dirname(os.path.abspath(opts.output_prefix)), exist_ok=True)
+    out_dir = os.path.dirname(os.path.abspath(opts.output_prefix))
+    made = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise ValidationError(f"--output-prefix {opts.output_prefix}: cannot create its directory "
+                              f"({exc.strerror}).") from None
+    try:
+        with TargetLock(opts.output_prefix + LOCK_NAME):
+            return _preprocess_locked(opts, stream, started, handler, files, skipped, prefixes, digest, jpath)
+    except BaseException:
+        if made and not os.listdir(out_dir):  # a refused run leaves nothing behind
+            os.rmdir(out_dir)
+        raise
+
+
+def _preprocess_locked(opts, stream, started, handler, files, skipped, prefixes, digest, jpath) -> PreprocessResult:
     # One worker per thread of ours: keep the tokenizers library's own thread pool out of each call.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     fileio.release_large_allocations()  # freed batch buffers go back to the OS (see fileio)
@@ -267,7 +301,8 @@ def preprocess(opts: PreprocessOptions, *, stream=None) -> PreprocessResult:
     try:
         for name, prefix in prefixes.items():
             writers[name] = indexed.IndexedWriter(prefix, resume_at=tuple(point["sizes"][name]) if point else None)
-        batches = inputs.iter_batches(files, handler.columns, opts.batch_rows, start=start)
+        batches = inputs.iter_batches(files, handler.columns, opts.batch_rows, start=start,
+                                      max_row_bytes=opts.max_row_bytes)
         pipe = _Pipeline(handler, batches, writers, jpath, counts, opts.log_interval, stream)
         in_flight = 2 * opts.workers
         while not pipe.exhausted:

@@ -43,8 +43,8 @@ from ..plan.trust import audit
 from ..storage import fileio
 from ..storage.pieces import file_crc32
 from ..storage.registry import get_format
-from .lock import NAME as LOCK_NAME
-from .lock import lock_for_dir
+from ..storage.lock import NAME as LOCK_NAME
+from ..storage.lock import lock_for_dir
 from . import copy as fastcopy
 from . import journal
 from .formats import format_of, layout_of
@@ -314,14 +314,15 @@ class _ProgressCallback(Callback):
             self.progress.add(n)
 
 
-def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
+def run_plan(plan: Plan, opts: RunOptions = RunOptions(), *, accepted=None) -> RunResult:
     """Execute ``plan``: under the save dir's lock, preflight (the plan audited against its sources), then every
     piece on the chosen scheduler; temp files removed on failure.
 
     Resumable: when the target holds the journal of a run of this same plan, files it completed (present
     at their journaled size) are skipped and the rest are written again; the result is byte-identical to an
     uninterrupted run, because every file's layout is fixed by the plan.  With ``overwrite`` over another
-    output, the files of the earlier checkpoint this plan does not write are removed first (and listed)."""
+    output, the files of the earlier checkpoint this plan does not write are removed first (and listed).
+    ``accepted()`` is called once every check passed, before the first write (``--plan-output``)."""
     fileio.release_large_allocations()
     root = plan.target_root
     if os.path.lexists(root) and not os.path.isdir(root):
@@ -333,14 +334,14 @@ def run_plan(plan: Plan, opts: RunOptions = RunOptions()) -> RunResult:
         raise ValidationError(f"{root}: cannot create the save dir ({exc.strerror}).") from None
     try:
         with lock_for_dir(root):
-            return _run_locked(plan, opts)
+            return _run_locked(plan, opts, accepted)
     except BaseException:
         if made and not _contents(root):  # a refused run leaves nothing behind
             shutil.rmtree(root, ignore_errors=True)
         raise
 
 
-def _run_locked(plan: Plan, opts: RunOptions) -> RunResult:
+def _run_locked(plan: Plan, opts: RunOptions, accepted=None) -> RunResult:
     root = plan.target_root
     digest = journal.plan_digest(plan)
     done = journal.completed(root, digest)
@@ -354,6 +355,9 @@ def _run_locked(plan: Plan, opts: RunOptions) -> RunResult:
         log.info("resuming: %d of %d files already complete", len(done), len(plan.files))
     distributed = opts.scheduler not in ("threads", "sync")
     dsk, write_bytes = build_graph(plan, opts, fused=distributed, skip=frozenset(done or ()))
+    client = connect(opts.scheduler) if distributed else None  # an unreachable scheduler fails before any write
+    if accepted is not None:
+        accepted()
     _cleanup(plan)  # temporary files of a killed run: nobody else can be writing them, we hold the lock
     removed: list[str] = []
     if done is None:
@@ -371,12 +375,14 @@ def _run_locked(plan: Plan, opts: RunOptions) -> RunResult:
             with _ProgressCallback(progress, write_bytes):
                 get(dsk, "done", **kwargs)
         else:
-            _run_distributed(dsk, opts.scheduler, progress, write_bytes)
+            _run_distributed(dsk, client, progress, write_bytes)
     except BaseException:
         _cleanup(plan)
         raise
     finally:
         progress.close()
+        if client is not None:
+            client.close()
     seconds = time.monotonic() - start
     total = sum(write_bytes.values())
     log.info("wrote %d files, %.2f GB in %.1f s (%.2f GB/s)", len(plan.files), total / 1e9, seconds,
@@ -426,17 +432,28 @@ def clear_earlier_output(plan: Plan) -> list[str]:
     return sorted(removed)
 
 
-def _run_distributed(dsk: dict, address: str, progress: Progress, write_bytes: dict) -> None:
+def connect(address: str):
+    """A dask.distributed client of the scheduler at ``address``; one-line errors for a bad or dead address."""
     try:
-        from distributed import Client, as_completed
+        from distributed import Client
     except ImportError:
         raise ExecutionError("--scheduler ADDRESS needs dask.distributed: pip install 'streamconv[distributed]'.") from None
-    with Client(address) as client:
-        futures = client.get(dsk, list(write_bytes) + ["done"], sync=False)
-        for fut in as_completed(futures[:-1]):
-            fut.result()  # re-raises a task's error here
-            progress.add(write_bytes.get(fut.key, 0))
-        futures[-1].result()
+    try:
+        return Client(address, timeout="10s")
+    except (OSError, ValueError, TypeError, TimeoutError) as exc:
+        raise ExecutionError(f"--scheduler {address}: cannot connect ({str(exc).splitlines()[0] if str(exc) else "
+                             f"type(exc).__name__}). Start `dask scheduler` there and pass its tcp://host:port, or use "
+                             f"--scheduler threads.") from None
+
+
+def _run_distributed(dsk: dict, client, progress: Progress, write_bytes: dict) -> None:
+    from distributed import as_completed
+
+    futures = client.get(dsk, list(write_bytes) + ["done"], sync=False)
+    for fut in as_completed(futures[:-1]):
+        fut.result()  # re-raises a task's error here
+        progress.add(write_bytes.get(fut.key, 0))
+    futures[-1].result()
 
 
 def _cleanup(plan: Plan) -> None:

@@ -25,6 +25,7 @@ from ..storage import fileio
 from .mcore_source import McoreSource
 from .plan import OutputFile, OutputTensor, Plan, ReplicaCheck, SourceFile
 from .sources import INDEX_NAME, HFSource
+from .trust import check_disjoint
 
 RECORD = "streamconv_source.json"   # written by hf2mcore next to the tracker: HF config and layout
 CONFIG = "config.json"
@@ -65,6 +66,8 @@ def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options
                      iteration: str | None = None, model_type_hf: str | None = None) -> Plan:
     """Compile an mcore (legacy torch format) -> HF safetensors plan.  The model family comes from the HF
     config's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given)."""
+    check_disjoint(save_dir, [("--load-dir", load_dir), ("--hf-config", hf_config_dir),
+                              ("--fp8-scales-from", export.fp8_scales_from)])
     origin = _config_origin(load_dir, hf_config_dir)
     cfg_json = _hf_config(load_dir, hf_config_dir)
     spec = model_for_config(cfg_json, origin, model_type_hf=model_type_hf)

@@ -197,6 +197,11 @@ class Plan:
 
     def save(self, path: str) -> None:
         """Write the plan as JSON, atomically."""
+        if os.path.isdir(path):
+            raise PlanError(f"{path}: is a directory; give the plan a file name (e.g. {os.path.join(path, 'plan.json')}).")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise PlanError(f"{path}: directory {parent} does not exist. Create it or choose another path.")
         data = json.dumps(self.to_json(), separators=(",", ":")).encode()
         fileio.atomic_write_bytes(path, data)
 

@@ -20,6 +20,7 @@ from ..models import model_for_config
 from .mcore2hf import RECORD, record_text
 from .plan import Dropped, OutputFile, OutputTensor, Plan
 from .sources import HFSource
+from .trust import check_disjoint
 
 ITERATION = 1
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -34,6 +35,7 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
 
     ``save_args``: every rank file also holds the ``args`` namespace MindSpeed's own mg -> hf reads back
     (loading it with ``torch.load(weights_only=True)`` then needs ``add_safe_globals([argparse.Namespace])``)."""
+    check_disjoint(save_dir, [("--load-dir", load_dir)])
     src = HFSource(load_dir)
     cfg_json = src.config()
     cfg_path = os.path.join(src.root, "config.json")

@@ -157,6 +157,24 @@ def output_problems(plan: Plan) -> list[str]:
     return problems
 
 
+def check_disjoint(save_dir: str, inputs: list[tuple[str, str | None]]) -> None:
+    """Refuse a ``--save-dir`` that is, contains or lies inside one of the conversion's inputs (``(flag, path)``
+    pairs): writing it, or ``--overwrite``-clearing it, would destroy what the conversion reads."""
+    from ..errors import ValidationError
+
+    out = os.path.realpath(save_dir)
+    problems = []
+    for flag, path in inputs:
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if is_inside(out, real) or is_inside(real, out):
+            problems.append(f"--save-dir {save_dir}: overlaps {flag} {path} (one holds the other); the output would "
+                            f"overwrite the conversion's input. Choose a separate --save-dir.")
+    if problems:
+        raise ValidationError(problems)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
