@@ -441,9 +441,9 @@ def connect(address: str):
     try:
         return Client(address, timeout="10s")
     except (OSError, ValueError, TypeError, TimeoutError) as exc:
-        raise ExecutionError(f"--scheduler {address}: cannot connect ({str(exc).splitlines()[0] if str(exc) else "
-                             f"type(exc).__name__}). Start `dask scheduler` there and pass its tcp://host:port, or use "
-                             f"--scheduler threads.") from None
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ExecutionError(f"--scheduler {address}: cannot connect ({why}). Start `dask scheduler` there and pass "
+                             f"its tcp://host:port, or use --scheduler threads.") from None
 
 
 def _run_distributed(dsk: dict, client, progress: Progress, write_bytes: dict) -> None:

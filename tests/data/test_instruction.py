@@ -113,7 +113,7 @@ def test_bad_rows(tmp_path, tok_dir, hf_tok):
     path = write_jsonl(str(tmp_path / "b.jsonl"), rows)
     with pytest.raises(StreamconvError, match=r"b.jsonl: row 7 \(line 8\): column 'instruction' holds a list"):
         run(tmp_path, path, tok_dir)
-    assert not os.listdir(tmp_path / "sft")
+    assert not (tmp_path / "sft").exists()  # a refused run leaves nothing, not even the directory
     result, prefixes = run(tmp_path, path, tok_dir, skip_bad_rows=True)
     assert result.counts["skipped_bad_rows"] == 1
     check(prefixes, ref.instruction_samples(rows[:7] + rows[8:], hf_tok))

@@ -80,7 +80,7 @@ def test_null_text_names_file_and_row_and_writes_nothing(tmp_path, tok_dir, fmt,
         run(tmp_path, path, tok_dir, batch_rows=8)
     msg = str(err.value)
     assert f"{path}: {where}: column 'text' is null" in msg and "--skip-bad-rows" in msg and "\n" not in msg
-    assert not os.listdir(tmp_path / "out")  # partials and journal removed: nothing left behind
+    assert not (tmp_path / "out").exists()  # partials, journal and the directory made for them: nothing left
 
 
 def test_skip_bad_rows_counts_them(tmp_path, tok_dir, hf_tok):
@@ -116,7 +116,7 @@ def test_empty_inputs_are_errors(tmp_path, tok_dir):
     (tmp_path / "blank.jsonl").write_text("\n\n")
     with pytest.raises(ValidationError, match="no rows in the input"):
         run(tmp_path, tmp_path / "blank.jsonl", tok_dir)
-    assert not os.listdir(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     (tmp_path / "nothing").mkdir()
     with pytest.raises(ValidationError, match="no input files in the directory"):
         run(tmp_path, tmp_path / "nothing", tok_dir)
