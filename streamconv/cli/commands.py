@@ -142,6 +142,9 @@ def cmd_inspect(args) -> int:
     if os.path.isdir(path):
         print(_inspect_hf(path, args.tensors))
         return 0
+    if os.path.lexists(path):
+        raise StreamconvError(f"{path}: not a regular file or directory (a FIFO, device or dangling symlink); expected "
+                              f"a plan, a tensor file or a checkpoint directory.")
     raise StreamconvError(f"{path}: no such plan file or checkpoint directory.")
 
 

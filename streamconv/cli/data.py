@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="tokenizing threads (default 1)")
     p.add_argument("--log-interval", type=int, default=1000, help="rows between progress lines on stderr (0: none)")
     p.add_argument("--max-row-bytes", type=parse_size, default=handlers.DEFAULT_MAX_ROW_BYTES, metavar="SIZE",
-                   help="a row with more text than this (default 64MiB) is a bad row: an error naming it, or dropped "
+                   help="a row with more text than this (default 32MiB) is a bad row: an error naming it, or dropped "
                         "with --skip-bad-rows")
     p.add_argument("--dry-run", action="store_true",
                    help="check flags, tokenizer and inputs; print the outputs that would be written; write nothing")

@@ -49,7 +49,7 @@ def _pack(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return tokens, lengths
 
 
-DEFAULT_MAX_ROW_BYTES = 64 << 20   # far above any real document (a whole book is a few MB)
+DEFAULT_MAX_ROW_BYTES = 32 << 20   # far above any real document (a whole book is a few MB)
 
 
 class _BadRows:

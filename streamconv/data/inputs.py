@@ -218,6 +218,9 @@ def _json_objects(path: str, skip: int, max_row_bytes: int | None = None):
             if row >= skip:
                 try:
                     yield n, json.loads(raw)
+                except RecursionError:
+                    raise SourceError(f"{path}: line {n}: JSON nested too deeply to be a dataset row. Fix the "
+                                      f"line.") from None
                 except ValueError as exc:
                     raise SourceError(f"{path}: line {n}: invalid JSON ({exc}). Fix the line "
                                       f"(one JSON object per line).") from None
@@ -304,6 +307,9 @@ def _json_array(path: str, f, skip: int, chunk: int = 1 << 20):
             try:
                 obj, end = decoder.raw_decode(buf, pos)
                 break
+            except RecursionError:
+                raise SourceError(f"{path}: line {line}: JSON nested too deeply to be a dataset row. Fix the "
+                                  f"element.") from None
             except ValueError as exc:
                 if not more():
                     raise SourceError(f"{path}: line {line}: invalid JSON ({exc.msg}). Fix the element.") from None

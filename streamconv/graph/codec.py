@@ -45,15 +45,31 @@ def nodes_from_json(rows: list[dict]) -> list[Node]:
             if any(j >= i or j < 0 for j in row["src"]):
                 raise GraphError("sources must come earlier in the table")
             node = make(op, src, arg_from_json(op, row["arg"]))
-        except (KeyError, ValueError, TypeError, IndexError) as exc:
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             raise GraphError(f"node {i}: malformed ({exc.__class__.__name__}: {exc})") from None
         except GraphError as exc:
-            raise GraphError(f"node {i}: {exc}") from None
+            raise GraphError(f"node {i}{_reads_of(nodes, row)}: {exc}") from None
         if node.dtype != row.get("dtype") or list(node.shape) != list(row.get("shape", ())):
-            raise GraphError(f"node {i}: recorded {row.get('dtype')}{row.get('shape')} but the op gives "
-                             f"{node.dtype}{list(node.shape)}; the plan was edited or is from another version")
+            raise GraphError(f"node {i}{_reads_of(nodes, row)}: recorded {row.get('dtype')}{row.get('shape')} but "
+                             f"the op gives {node.dtype}{list(node.shape)}; the plan was edited or is from another "
+                             f"version")
         nodes.append(node)
     return nodes
+
+
+def _reads_of(nodes: list[Node], row) -> str:
+    """`` (reading model.layers.0.q_a_proj.weight, ...)``: the tensors a bad node depends on, so an error names
+    them rather than only an index."""
+    try:
+        srcs = [nodes[j] for j in row.get("src", ()) if type(j) is int and 0 <= j < len(nodes)]
+        names = []
+        if row.get("op") == "read" and isinstance(row.get("arg"), dict):
+            names.append(str(row["arg"].get("tensor")))
+        names += [n.arg.tensor for n in toposort(srcs) if n.op is Op.READ]
+    except Exception:  # noqa: BLE001  (only a hint for a message)
+        return ""
+    names = list(dict.fromkeys(names))
+    return f" (reading {', '.join(names[:3])}{' ...' if len(names) > 3 else ''})" if names else ""
 
 
 def graph_to_json(roots: list[Node]) -> dict:

@@ -98,7 +98,9 @@ class McoreSource:
         for r in ranks:
             path = os.path.join(self.root, *self.local(r).split("/"))
             if not os.path.isfile(path):
-                problems.append(f"{path}: missing. The flags imply this rank file; check the parallel sizes, or "
+                problems.append(f"{path}: not a regular file (a directory, FIFO or device); expected a rank file."
+                                if os.path.lexists(path) else
+                                f"{path}: missing. The flags imply this rank file; check the parallel sizes, or "
                                 f"restore the file.")
                 continue
             try:

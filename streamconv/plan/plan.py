@@ -148,7 +148,7 @@ class Plan:
         source = f.obj(obj.get("source"), "source")
         target = f.obj(obj.get("target"), "target")
         files = []
-        for k, entry in enumerate(f.list(target, "files", "target.files")):
+        for k, entry in enumerate(f.list(target, "files", "target")):
             where = f"target.files[{k}]"
             f.obj(entry, where)
             rel = _safe_relpath(f.str(entry, "path", where), path)
@@ -171,7 +171,7 @@ class Plan:
                 raise PlanError(f"{path}: {where}.text: expected a string, got {type(text).__name__}.")
             files.append(OutputFile(rel, fmt, tuple(tensors), tuple(attrs), text, groups))
         source_files = tuple(SourceFile(*f.row(row, (str, int, str), f"source.files[{j}]", "[name, size, digest]"))
-                             for j, row in enumerate(f.list(source, "files", "source.files")))
+                             for j, row in enumerate(f.list(source, "files", "source")))
         checks = []
         for j, row in enumerate(f.list(obj, "checks", default=[])):
             w = f"checks[{j}]"
@@ -234,7 +234,7 @@ class _Fields:
         return value
 
     def list(self, parent: dict, key: str, where: str | None = None, default=None) -> list:
-        where = where or key
+        where = f"{where}.{key}" if where else key
         if key not in parent and default is not None:
             return default
         value = parent.get(key)

@@ -14,6 +14,9 @@ checks that no format claims another's files), so the order decides nothing.
 
 from __future__ import annotations
 
+import os
+import stat
+
 from ..errors import FormatError, ValidationError
 from .base import TensorFormat
 from .megatron_pt import MEGATRON_PT
@@ -58,8 +61,12 @@ def format_of_file(path: str) -> TensorFormat | None:
     """The format whose :meth:`~TensorFormat.sniff` claims the file at ``path``, or None when none does."""
     want = max((f.sniff_bytes for f in _FORMATS.values()), default=0)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise FormatError(f"{path}: not a regular file (a directory, FIFO or device); expected a tensor file.")
         with open(path, "rb") as fh:
             head = fh.read(want)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         raise FormatError(f"{path}: cannot open ({exc.strerror or exc}).") from None
     for fmt in _FORMATS.values():

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple, Sequence
@@ -76,13 +77,18 @@ class Header:
 def read_header(path: str) -> Header:
     """Parse and check a safetensors header; every inconsistency is a :class:`FormatError` naming ``path``."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
     except FileNotFoundError:
         raise FormatError(f"{path}: file not found. Check --load-dir and model.safetensors.index.json.") from None
     except OSError as exc:
         raise FormatError(f"{path}: cannot open ({exc.strerror}).") from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
+            raise FormatError(f"{path}: not a regular file ({what}); expected a safetensors shard. Put the shard "
+                              f"file there.")
+        size = st.st_size
         if size < 8:
             raise FormatError(f"{path}: {size} bytes is too short for a safetensors file (truncated?). Re-copy it.")
         head = bytearray(8)

@@ -22,6 +22,7 @@ import collections
 import hashlib
 import io
 import os
+import stat
 import pickle
 import struct
 import zipfile
@@ -196,7 +197,10 @@ def _defaultdict(factory=None, *args):
 def read_pt(path: str) -> PtFile:
     """Parse a .pt file's zip directory and its pickle, executing nothing; tensor data is not read."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: not a regular file (a directory, FIFO or device); expected a torch checkpoint.")
+        size = st.st_size
         with open(path, "rb") as f, zipfile.ZipFile(f) as z:
             infos = z.infolist()
             if not infos:
