@@ -93,6 +93,23 @@ def source_problems(plan: Plan) -> list[str]:
     return audit(plan)
 
 
+def _symlinked_outputs(plan: Plan) -> list[str]:
+    """Outputs whose path inside the save dir runs through a symlink (a directory or the file itself): writing
+    there would land outside the save dir."""
+    seen: set[str] = set()
+    for f in plan.files:
+        parts = f.path.split("/")
+        for i in range(1, len(parts) + 1):
+            rel = "/".join(parts[:i])
+            if rel in seen:
+                continue
+            seen.add(rel)
+            if os.path.islink(os.path.join(plan.target_root, *parts[:i])):
+                return [f"{os.path.join(plan.target_root, rel)}: is a symlink; the outputs under it would be written "
+                        f"outside the save dir. Remove it, or choose another --save-dir."]
+    return []
+
+
 def _contents(root: str) -> list[str]:
     return [n for n in os.listdir(root) if n != LOCK_NAME]
 
@@ -109,6 +126,7 @@ def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None)
         other = " (it holds the output of a different plan)" if os.path.exists(journal.path_of(root)) else ""
         problems.append(f"{root}: output directory is not empty{other}. Choose an empty --save-dir or pass "
                         f"--overwrite.")
+    problems += _symlinked_outputs(plan)
     probe = root
     while not os.path.exists(probe):
         probe = os.path.dirname(probe) or "."

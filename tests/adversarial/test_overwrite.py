@@ -47,3 +47,15 @@ def test_a_plan_writing_into_its_sources_is_refused(world, tmp_path, cli):
     before = tree(hf)
     one_error(*cli("run", tmp_path / "p.json", "--overwrite", "--no-progress"), "holds the plan's source file")
     assert tree(hf) == before
+
+
+def test_a_symlink_inside_the_save_dir_is_never_written_through(world, tmp_path, cli):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    os.symlink(elsewhere, out / "iter_0000001")
+    code, err = cli("convert", "hf2mcore", "--load-dir", world["hf"], "--save-dir", out, "--no-progress")
+    assert code == 2 and any("is a symlink" in line for line in err)  # listed with "not empty": every problem at once
+    one_error(*cli("convert", "hf2mcore", "--load-dir", world["hf"], "--save-dir", out, "--no-progress",
+                   "--overwrite"), "is a symlink")
+    assert os.listdir(elsewhere) == [] and os.path.islink(out / "iter_0000001")
