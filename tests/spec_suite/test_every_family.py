@@ -9,13 +9,9 @@ registering it (``streamconv.models``).
    round-tripped one computes exactly the same logits.
 """
 
-import glob
-import hashlib
-import os
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from streamconv import synth
 from streamconv.execute.executor import RunOptions, run_plan
@@ -25,6 +21,7 @@ from streamconv.mapping.spec import TensorKind
 from streamconv.models import models
 from streamconv.plan.mcore2hf import plan_mcore_to_hf
 from streamconv.plan.planner import plan_hf_to_mcore
+from tests.e2e.test_mcore2hf import digest, load_dir
 
 RUN = RunOptions(band_bytes=8192, max_memory=8 << 20)
 FAMILIES = sorted(spec.name for spec in models())
@@ -45,19 +42,6 @@ def family(request, tmp_path_factory):
         synth.synth_checkpoint(dirs[kind], synth.preset("tiny", spec.name, fp8=kind == "fp8",
                                                         max_shard_bytes=200_000))
     return spec, dirs
-
-
-def load_dir(d):
-    out = {}
-    for path in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
-        with safe_open(path, "pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    return out
-
-
-def digest(t):
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def layouts(spec, tiny):
@@ -156,15 +140,7 @@ def test_transformers_loads_it_and_the_round_trip_keeps_the_logits(family, tmp_p
     mcore, out = str(tmp_path / "mcore"), str(tmp_path / "hf")
     run_plan(plan_hf_to_mcore(dirs["bf16"], mcore, sizes, options), RUN)
     run_plan(plan_mcore_to_hf(mcore, out, sizes, options), RUN)
-    want, got = logits(transformers, dirs["bf16"]), logits(transformers, out)
+    from tests.e2e.test_transformers import logits
+
+    want, got = logits(dirs["bf16"]), logits(out)
     assert want.abs().sum() > 0 and torch.equal(got, want)
-
-
-def logits(transformers, model_dir):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
-                                                                     output_loading_info=True)
-    assert not info["missing_keys"] and not info["mismatched_keys"], info
-    model.eval()
-    ids = torch.tensor([[0, 5, 17, 42, 99, 200, 3, 7, 255, 1]])
-    with torch.no_grad():
-        return model(ids).logits
