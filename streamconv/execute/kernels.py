@@ -86,16 +86,27 @@ def run_node(root: str, node_op: Op, arg, *srcs: torch.Tensor) -> torch.Tensor:
 
 
 def materialize(node: Node, root: str, *, device: str | torch.device = "cpu",
-                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                cache: dict[str, torch.Tensor] | None = None, dequant=None) -> torch.Tensor:
     """Evaluate ``node`` in this process and return a contiguous tensor on ``device``.
 
-    This is the training-time path: a job pulls its own rank's tensors straight from a plan.  ``cache``
-    (content key -> value) lets several calls share reads; pass a dict and drop it when done.
+    The executor's per-piece path and the training-time loader both go through here.  ``cache`` (content
+    key -> value) lets several calls share reads; pass a dict and drop it when done.  ``dequant``: a callable
+    ``(DequantArg, w, scale_inv) -> tensor`` that runs DEQUANT_FP8_BLOCK nodes instead of the host kernel
+    (:class:`streamconv.execute.device.DeviceDequant`: FP8 decoded on an accelerator); an op whose sources
+    are on different devices runs where the non-host ones are, so what follows a device decode stays there.
     """
     from ..graph.node import toposort
 
     values: dict[str, torch.Tensor] = cache if cache is not None else {}
     for n in toposort([node]):
-        if n.key not in values:
-            values[n.key] = run_node(root, n.op, n.arg, *(values[s.key] for s in n.src))
+        if n.key in values:
+            continue
+        srcs = [values[s.key] for s in n.src]
+        if dequant is not None and n.op is Op.DEQUANT_FP8_BLOCK:
+            values[n.key] = dequant(n.arg, *srcs)
+            continue
+        away = [s.device for s in srcs if s.device.type != "cpu"]
+        if away:
+            srcs = [s.to(away[0]) for s in srcs]
+        values[n.key] = run_node(root, n.op, n.arg, *srcs)
     return fastcopy.contiguous(values[node.key]).to(device)
