@@ -12,8 +12,8 @@ Two ways to decode on a device, both bit-exact with the host kernel (:mod:`strea
   result is the host's bit for bit whatever the device's float units do (Ascend NPUs cannot cast FP8 at all).
 - ``cast``: the device casts fp8 -> float32, multiplies by its block scale and rounds, as CUDA does natively.
   IEEE float32 multiply and round-to-nearest-even agree everywhere except in the bits of a NaN, which each
-  implementation spells its own way (the host's vectorised cast gives 0xFFFF, CUDA's 0x7FFF), so NaN outputs
-  are replaced by what the host table holds for that code.
+  implementation spells its own way (the host's vectorised bf16 cast gives 0xFFFF, CUDA's 0x7FFF; a NaN
+  operand's payload propagates differently), so the few NaN outputs are taken from the table decode.
 
 Either way, :meth:`DeviceDequant.self_check` decodes every code of both fp8 formats under several scales and
 real blocks on the device and compares the bits with the host kernel; the loader falls back to the host (and
@@ -111,8 +111,9 @@ def decode_fp8_table(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, 
 
 def decode_fp8_cast(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int], origin: tuple[int, int],
                     dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Dequantize host fp8 ``w`` on ``device`` with the device's own fp8 -> float32 cast, multiply and rounding;
-    NaN outputs take the host's bits for their code (see the module docstring)."""
+    """Dequantize host fp8 ``w`` on ``device`` with the device's own fp8 -> float32 cast, multiply and rounding.
+    Where the result is NaN (a NaN code, or a non-finite scale), its bits are the host's: NaN payloads are
+    where float implementations differ, so those few elements are taken from the table decode."""
     rows, cols = w.shape
     out = torch.empty((rows, cols), dtype=dtype, device=device)
     if rows == 0 or cols == 0:
@@ -120,26 +121,22 @@ def decode_fp8_cast(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, i
     _check_scale(w, scale, block, origin)
     br, bc = block
     r0, c0 = origin
-    host_nan = _host_nan_bits(w.dtype, dtype).to(device)
     codes = w.contiguous().view(torch.uint8).to(device)
     s = scale.to(torch.float32).to(device)
-    iv = out.view(host_nan.dtype)
+    cb = (torch.arange(cols, device=device) + c0) // bc
     step = max(1, _CHUNK_ELEMENTS // cols)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         rb = (torch.arange(start, stop, device=device) + r0) // br
-        cb = (torch.arange(cols, device=device) + c0) // bc
-        band = codes[start:stop]
-        value = (band.view(w.dtype).to(torch.float32) * s[rb][:, cb]).to(dtype)
-        bits = value.view(host_nan.dtype)
-        iv[start:stop] = torch.where(torch.isnan(value), torch.take(host_nan, band.long()), bits)
+        value = (codes[start:stop].view(w.dtype).to(torch.float32) * s[rb][:, cb]).to(dtype)
+        nan = torch.isnan(value)
+        if bool(nan.any()):
+            first = (start + r0) // br
+            exact = decode_fp8_table(w[start:stop], scale[first:], block=block, origin=((start + r0) % br, c0),
+                                     dtype=dtype, device=device)
+            value = torch.where(nan, exact, value)
+        out[start:stop] = value
     return out
-
-
-def _host_nan_bits(fp8: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
-    """For each fp8 code, the integer bits the host kernel's table gives it (only NaN codes are used)."""
-    one = torch.ones((1, 1), dtype=torch.float32)
-    return torch.from_numpy(np.ascontiguousarray(_tables(_VALUES[fp8], one, 0, 1, dtype))).reshape(256)
 
 
 DECODERS = {"table": decode_fp8_table, "cast": decode_fp8_cast}
