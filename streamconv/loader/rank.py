@@ -24,7 +24,7 @@ from .. import types
 from ..errors import ValidationError
 from ..execute import device as devices
 from ..execute.executor import Piece, plan_pieces
-from ..execute.kernels import materialize
+from ..execute.kernels import materialize, materialize_into
 from ..graph.node import Op, toposort
 from ..graph.rewrite import narrow
 from ..plan.plan import OutputFile, Plan
@@ -63,7 +63,7 @@ class LoadOptions:
     device: str | torch.device = "cpu"
     dequant_on: str = "host"
     method: str | None = None
-    workers: int = 2
+    workers: int = 4
     max_memory: int = 256 * MiB
 
 
@@ -164,22 +164,21 @@ class RankSource:
         """``(TensorSpec, tensor)`` for every tensor of the rank in file order, each complete and on ``device``."""
         opts = LoadOptions(device=device, **options)
         dev = devices.resolve_device(opts.device)
-        dest: dict[int, torch.Tensor] = {}
         pieces = self._pieces(opts)
         remaining = _band_counts(pieces)
-        for p, value in self._run(opts, dev, pieces):
+        dest: dict[int, torch.Tensor] = {}
+
+        def target(p: Piece) -> torch.Tensor:
             t = self.tensors[p.index]
-            if remaining[p.index] == 1 and p.band == 0:
-                out = _owned(value).to(dev)
-            else:
-                out = dest.get(p.index)
-                if out is None:
-                    out = dest[p.index] = torch.empty(t.shape, dtype=t.dtype, device=dev)
-                _rows_of(out, p, t).copy_(value)
+            out = dest.get(p.index)
+            if out is None:
+                out = dest[p.index] = torch.empty(t.shape, dtype=t.dtype, device=dev)
+            return _rows_of(out, p, t)
+
+        for p in self._run(opts, dev, pieces, target):
             remaining[p.index] -= 1
             if remaining[p.index] == 0:
-                dest.pop(p.index, None)
-                yield t, out
+                yield self.tensors[p.index], dest.pop(p.index)
 
     def load_into(self, target, *, check_dtypes: bool = True, **options) -> None:
         """Copy the rank into the existing parameters and buffers of ``target`` (a module, a state dict of
@@ -192,11 +191,14 @@ class RankSource:
             options["device"] = first.device if first is not None else "cpu"
         opts = LoadOptions(**options)
         dev = devices.resolve_device(opts.device)
+
+        def rows(p: Piece) -> torch.Tensor:
+            t = self.tensors[p.index]
+            return _rows_of(dests[t.group][t.name].data, p, t)
+
         with torch.no_grad():
-            for p, value in self._run(opts, dev, self._pieces(opts)):
-                t = self.tensors[p.index]
-                param = dests[t.group][t.name]
-                _rows_of(param.data, p, t).copy_(value)
+            for _ in self._run(opts, dev, self._pieces(opts), rows):
+                pass
 
     # --- machinery ---------------------------------------------------------------------------------------------------
     def _pieces(self, opts: LoadOptions) -> list[Piece]:
@@ -205,9 +207,10 @@ class RankSource:
                    target_root=self.plan.target_root, files=(self.file,), options=self.plan.options)
         return sorted(plan_pieces(one, band), key=lambda p: (p.index, p.band))
 
-    def _run(self, opts: LoadOptions, dev: torch.device, pieces: list[Piece]) -> Iterator[tuple[Piece, torch.Tensor]]:
-        """Every piece's value, in plan order, computed by ``opts.workers`` threads with at most
-        ``opts.max_memory`` bytes (results plus reads) in flight."""
+    def _run(self, opts: LoadOptions, dev: torch.device, pieces: list[Piece], target) -> Iterator[Piece]:
+        """Compute every piece into ``target(piece)`` (its rows of the destination), in plan order, with
+        ``opts.workers`` threads and at most ``opts.max_memory`` bytes (reads and intermediates) in flight;
+        yields each piece once it is in place."""
         if opts.workers < 1 or opts.max_memory < 1:
             raise ValidationError(f"workers={opts.workers}, max_memory={opts.max_memory}: both must be positive.")
         if opts.dequant_on not in ("host", "device"):
@@ -217,8 +220,12 @@ class RankSource:
         where = dev if decoder is not None else "cpu"
         fileio.release_large_allocations()
 
-        def compute(p: Piece) -> torch.Tensor:
-            return materialize(p.node, self.root, device=where, dequant=decoder)
+        def compute(p: Piece, dest: torch.Tensor) -> None:
+            with torch.no_grad():
+                if decoder is None and dest.device.type == "cpu" and dest.dtype == types.dtype(p.node.dtype).torch:
+                    materialize_into(p.node, self.root, dest)      # straight into place: no band buffer, no copy
+                else:
+                    dest.copy_(materialize(p.node, self.root, device=where, dequant=decoder))
 
         window: deque = deque()
         in_flight = 0
@@ -229,12 +236,14 @@ class RankSource:
                     while window and (len(window) > opts.workers or in_flight + cost > opts.max_memory):
                         q, fut, c = window.popleft()
                         in_flight -= c
-                        yield q, fut.result()
-                    window.append((p, pool.submit(compute, p), cost))
+                        fut.result()
+                        yield q
+                    window.append((p, pool.submit(compute, p, target(p)), cost))
                     in_flight += cost
                 while window:
                     q, fut, _ = window.popleft()
-                    yield q, fut.result()
+                    fut.result()
+                    yield q
             finally:
                 for _, fut, _ in window:
                     fut.cancel()
@@ -281,13 +290,6 @@ def _rows_of(dest: torch.Tensor, p: Piece, t: TensorSpec) -> torch.Tensor:
         return dest
     row_bytes = t.nbytes // t.shape[0]
     return dest.narrow(0, p.offset // row_bytes, p.node.shape[0])
-
-
-def _owned(v: torch.Tensor) -> torch.Tensor:
-    """``v`` in a storage of its own size (a band sliced from a larger read would pin the whole read)."""
-    if v.untyped_storage().nbytes() != v.numel() * v.element_size() or v.storage_offset():
-        return v.clone()
-    return v
 
 
 def _as_chunks(target) -> list[Mapping[str, torch.Tensor]]:

@@ -20,7 +20,7 @@ from streamconv.layout.options import McoreOptions
 from streamconv.layout.parallel import ParallelSizes
 from streamconv.loader import MismatchError, load_rank, open_rank, rank_paths
 from streamconv.plan.planner import plan_hf_to_mcore
-from streamconv.storage import fileio
+from streamconv.execute import kernels
 from tests.e2e.test_layouts import CASES
 from tests.reference import assert_same_checkpoint, load_mcore_dir, reference_hf_to_mcore
 from tests.reference_families import reference_hf_to_mcore_family
@@ -229,15 +229,15 @@ def test_load_into_a_plain_state_dict_and_one_module(tiny_hf, tmp_path):
 
 @pytest.fixture
 def reads(monkeypatch):
-    """Counts positional reads of tensor data (the loader's only way to read a source file's tensors)."""
+    """Counts reads of tensor data (``kernels.read_kernel``: every read node the loader or converter runs)."""
     calls = []
-    real = fileio.read_range
+    real = kernels.read_kernel
 
-    def counting(path, start, length):
-        calls.append((path, start, length))
-        return real(path, start, length)
+    def counting(root, arg, out=None):
+        calls.append((arg.file, arg.tensor, arg.rows))
+        return real(root, arg, out)
 
-    monkeypatch.setattr(fileio, "read_range", counting)
+    monkeypatch.setattr(kernels, "read_kernel", counting)
     return calls
 
 

@@ -23,7 +23,7 @@ from streamconv.errors import PlanError, ValidationError
 from streamconv.execute.executor import RunOptions, run_plan
 from streamconv.loader import hook
 from streamconv.loader.loaddir import DESCRIPTION, TRACKER
-from streamconv.storage import fileio
+from streamconv.execute import kernels
 from tests.e2e.test_loader import plan_for, rank_of, skeletons
 from tests.reference import assert_same_checkpoint, reference_hf_to_mcore
 
@@ -118,8 +118,8 @@ def test_hooked_function_contract(ckpt, parallel_state, prepared, monkeypatch):
     hook.install(ckpt)
     args = megatron_args(load)
     reads = []
-    real = fileio.read_range
-    monkeypatch.setattr(fileio, "read_range", lambda *a: reads.append(a) or real(*a))
+    real = kernels.read_kernel
+    monkeypatch.setattr(kernels, "read_kernel", lambda *a: reads.append(a[1]) or real(*a))
     sd, name, release, kind = ckpt._load_base_checkpoint(load, args, rank0=True)
     assert sd == {"checkpoint_version": 3.0, "iteration": 1} and reads == []
     assert kind is ckpt.CheckpointType.LEGACY and release is False
@@ -166,7 +166,7 @@ def test_arguments_that_contradict_the_load_dir(ckpt, parallel_state, prepared, 
     load = str(root / "from-plan")
     hook.install(ckpt)
     reads = []
-    monkeypatch.setattr(fileio, "read_range", lambda *a: reads.append(a))
+    monkeypatch.setattr(kernels, "read_kernel", lambda *a: reads.append(a[1]))
     parallel_state(0, 0, 0)
     args = megatron_args(load, tensor_model_parallel_size=4, moe_grouped_gemm=False, finetune=False,
                          no_load_optim=False)
