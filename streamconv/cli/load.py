@@ -30,7 +30,7 @@ def register(sub) -> None:
                         "against the host kernel at start-up, falling back to the host if they differ)")
     p.add_argument("--dequant-method", choices=["table", "cast"], default=None,
                    help="device FP8 decode: table (256-entry gather; NPU default) or cast (CUDA default)")
-    p.add_argument("--workers", type=int, default=2, help="threads per rank computing bands (default 2)")
+    p.add_argument("--workers", type=int, default=4, help="threads per rank computing bands (default 4)")
     p.add_argument("--max-memory", type=common.parse_size, default="256MiB",
                    help="bytes of bands in flight per rank (default 256MiB)")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --save-dir")

@@ -5,9 +5,10 @@ converter's own machinery: :func:`streamconv.execute.executor.plan_pieces` cuts 
 and pushes each band down to the reads (``graph.narrow``), and :func:`streamconv.execute.kernels.materialize`
 evaluates a band with the same kernels the converter writes with (positional reads of exactly the needed
 bytes, the bit-exact FP8 kernel).  Bands are computed by a few threads in plan order, at most ``max_memory``
-bytes of them (results and the reads feeding them) in flight, and each band is copied to where it belongs: a
-tensor of the state dict, or the model's own parameter (:meth:`RankSource.load_into`), so host memory holds a
-few bands, not the rank.
+bytes of reads and intermediates in flight, each straight into where it belongs
+(:func:`~streamconv.execute.kernels.materialize_into`): its rows of a state-dict tensor, or of the model's own
+parameter (:meth:`RankSource.load_into`), so host memory holds a few bands' sources, not a second rank.  On an
+accelerator a band is computed on the host (or, FP8 decode on the device, partly there) and copied over.
 """
 
 from __future__ import annotations
