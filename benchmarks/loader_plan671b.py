@@ -21,7 +21,6 @@ from streamconv import synth
 from .common import run_measured, save_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from plans.recipes import RECIPES  # noqa: E402
 
 MiB = 1 << 20
 

@@ -178,7 +178,8 @@ class DeviceDequant:
             except Exception as exc:  # a device that cannot run the decode at all: fall back the same way
                 return f"the {self.method} decode failed on {self.device} ({exc.__class__.__name__}: {exc})"
             if got.dtype != want.dtype or got.shape != want.shape:
-                return f"the {self.method} decode gave {got.dtype}{list(got.shape)}, the host {want.dtype}{list(want.shape)}"
+                return (f"the {self.method} decode gave {got.dtype}{list(got.shape)}, the host "
+                        f"{want.dtype}{list(want.shape)}")
             iv = {2: torch.int16, 4: torch.int32}[want.element_size()]
             diff = (got.view(iv) != want.view(iv)).nonzero()
             if len(diff):

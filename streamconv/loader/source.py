@@ -65,7 +65,8 @@ def _int_tuple(flag: str, v) -> tuple[int, ...]:
 
 def check_rank_index(sizes: ParallelSizes, tp_rank: int, pp_rank: int, ep_rank: int, where: str) -> RankFile:
     problems = []
-    for name, value, size, flag in (("tp_rank", tp_rank, sizes.tp, "tensor"), ("pp_rank", pp_rank, sizes.pp, "pipeline"),
+    for name, value, size, flag in (("tp_rank", tp_rank, sizes.tp, "tensor"),
+                                    ("pp_rank", pp_rank, sizes.pp, "pipeline"),
                                     ("ep_rank", ep_rank, sizes.ep, "expert")):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < size:
             problems.append(f"{where}: {name}={value!r} is out of range: the layout has {flag} parallel size "

@@ -252,8 +252,9 @@ def test_launch_runs_the_script_with_the_hook(prepared, tmp_path):
         "from tests.e2e.test_loader import skeletons\n"
         "for f, r in (('tensor', 1), ('pipeline', 0), ('expert', 1)):\n"
         "    getattr(mpu, f'set_{f}_model_parallel_world_size')(2); getattr(mpu, f'set_{f}_model_parallel_rank')(r)\n"
-        "ckpt._GLOBAL_ARGS = argparse.Namespace(load=sys.argv[1], finetune=True, no_load_optim=True, no_load_rng=True)\n"
-        f"want = torch.load(sys.argv[2], weights_only=True)\n"
+        "ckpt._GLOBAL_ARGS = argparse.Namespace(load=sys.argv[1], finetune=True, no_load_optim=True,\n"
+        "                                       no_load_rng=True)\n"
+        "want = torch.load(sys.argv[2], weights_only=True)\n"
         "models = skeletons(want)\n"
         "print('iteration', ckpt.load_checkpoint(models, None, None)[0])\n"
         "for i, m in enumerate(models):\n"
@@ -315,7 +316,8 @@ def test_real_megatron_sources_have_the_contract_the_hook_assumes(path):
     params = [a.arg for a in base.args.args]
     with_args = params[:3] == ["load_dir", "args", "rank0"]
     assert with_args or params[:2] == ["load_dir", "rank0"], params
-    lengths = {len(r.value.elts) for r in ast.walk(base) if isinstance(r, ast.Return) and isinstance(r.value, ast.Tuple)}
+    lengths = {len(r.value.elts) for r in ast.walk(base)
+               if isinstance(r, ast.Return) and isinstance(r.value, ast.Tuple)}
     assert lengths == ({4} if with_args else {3}), lengths
     calls = [c for c in ast.walk(fns["load_checkpoint"]) if isinstance(c, ast.Call)
              and isinstance(c.func, ast.Name) and c.func.id == "_load_base_checkpoint"]

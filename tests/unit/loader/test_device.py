@@ -128,7 +128,8 @@ def test_real_blocks_whole_and_sliced(real_fp8, method):
 
 def test_self_check_passes_for_both_methods_on_the_host(real_fp8):
     w = real_fp8["model.layers.1.mlp.experts.0.up_proj.weight"]
-    sample = [(DequantArg((128, 128), (0, 0), "bfloat16"), w, real_fp8["model.layers.1.mlp.experts.0.up_proj.weight_scale_inv"])]
+    s = real_fp8["model.layers.1.mlp.experts.0.up_proj.weight_scale_inv"]
+    sample = [(DequantArg((128, 128), (0, 0), "bfloat16"), w, s)]
     for method in ("table", "cast"):
         assert DeviceDequant(CPU, method).self_check(sample) is None
 
