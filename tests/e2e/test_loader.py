@@ -372,3 +372,33 @@ def test_partial_plan_cannot_pose_as_a_checkpoint(tiny_hf, tmp_path):
                             ranks={RankFile(1, 0, 1)})
     assert [f.path for f in plan.files] == ["iter_0000001/mp_rank_01_001/model_optim_rng.pt"]
     assert plan.options["ranks"] == [[1, 0, 1]]
+
+
+def test_device_decode_that_fails_its_self_check_falls_back_to_the_host(tiny_hf, tmp_path, monkeypatch, caplog):
+    """A device whose FP8 decode disagrees with the host kernel (here: a table entry off by one bit for one
+    code) is caught at start-up; the rank is decoded on the host, with a warning naming the code."""
+    from streamconv.execute import device as devices
+    from streamconv.loader import rank as rank_mod
+
+    class OffByOne(devices.DeviceDequant):
+        def __call__(self, arg, w, s):
+            out = super().__call__(arg, w, s)
+            iv = out.view(torch.int16) if out.element_size() == 2 else out.view(torch.int32)
+            iv[w.contiguous().view(torch.uint8) == 0x38] ^= 1
+            return out
+
+    monkeypatch.setattr(devices, "DeviceDequant", OffByOne)
+    monkeypatch.setattr(rank_mod, "_CHECKED", {})
+    plan = plan_for(tiny_hf["fp8"], str(tmp_path / "x"), dict(tp=2, ep=2))
+    want = expected_ranks(tiny_hf["fp8"], dict(tp=2, ep=2, gg=True, mtp=1))
+    rel = "iter_0000001/mp_rank_01_001/model_optim_rng.pt"
+    rank = open_rank(plan, tp_rank=1, ep_rank=1)
+    with caplog.at_level("WARNING"):
+        got = rank.state_dict(dequant_on="device")
+    assert rank.dequant_used == "host"
+    assert "does not match the host kernel" in caplog.text and "code 56" in caplog.text
+    assert_same_checkpoint({rel: got}, {rel: want[rel]})
+    monkeypatch.setattr(devices, "DeviceDequant", OffByOne.__mro__[1])
+    monkeypatch.setattr(rank_mod, "_CHECKED", {})
+    rank.state_dict(dequant_on="device")
+    assert rank.dequant_used == "device:table"
