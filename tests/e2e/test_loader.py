@@ -89,9 +89,22 @@ def check_every_rank(hf, tmp_path, case, *, from_hf=True, **load):
 LOADER_CASES = [dict(tp=2, pp=2, ep=2), dict(tp=4, ep=2, gg=False, mtp=0)] + CASES
 
 
-@pytest.mark.parametrize("case", LOADER_CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in LOADER_CASES])
-def test_every_rank_of_every_layout_fp8(tiny_hf, tmp_path, case):
-    check_every_rank(tiny_hf["fp8"], tmp_path, case)
+IDS = [",".join(f"{k}={v}" for k, v in c.items()) for c in LOADER_CASES]
+# straight from the HF directory by default: one case of each kind (VPP, noop, dualpipev, uneven stages,
+# tp-extend-ep, expert-TP 1, MLA variants); every case under -m slow
+HF_DEFAULT = {0, 2, 4, 5, 7, 9, 12, 15}
+
+
+@pytest.mark.parametrize("i", range(len(LOADER_CASES)), ids=IDS)
+def test_every_rank_of_every_layout_fp8(tiny_hf, tmp_path, i):
+    check_every_rank(tiny_hf["fp8"], tmp_path, LOADER_CASES[i], from_hf=i in HF_DEFAULT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", sorted(set(range(len(LOADER_CASES))) - HF_DEFAULT),
+                         ids=[IDS[i] for i in sorted(set(range(len(LOADER_CASES))) - HF_DEFAULT)])
+def test_every_layout_straight_from_hf(tiny_hf, tmp_path, i):
+    check_every_rank(tiny_hf["fp8"], tmp_path, LOADER_CASES[i])
 
 
 @pytest.mark.parametrize("case", [dict(tp=2, pp=2, ep=2), dict(tp=2, ep=4, moe_tp_extend_ep=True),

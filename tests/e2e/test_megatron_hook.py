@@ -239,6 +239,7 @@ def test_mindspeed_patch_manager_keeps_the_hook(ckpt, monkeypatch):
     assert hook._is_hooked(ckpt._load_base_checkpoint)
 
 
+@pytest.mark.slow   # a child process importing torch and megatron-core: ~15 s
 def test_launch_runs_the_script_with_the_hook(prepared, tmp_path):
     """``python -m streamconv.launch script.py ARGS``: the unchanged script imports Megatron's checkpointing and
     calls load_checkpoint; the rank it gets is the reference's."""
