@@ -9,6 +9,7 @@
     streamconv verify   plan.json | SAVE_DIR [--rederive K]              checksums; tensors re-derived
     streamconv inspect  plan.json | HF_DIR | MCORE_DIR | DATASET_PREFIX    tables of files, tensors, bytes
     streamconv data     preprocess --input X --output-prefix P ...         corpora -> Megatron .bin/.idx datasets
+    streamconv prepare-load plan.json --save-dir DIR                       a --load dir: ranks load from the source
 
 Errors a user can cause print one line (what, where, the fix) and exit with status 2.
 """
@@ -35,10 +36,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from . import data
 
     if command != "data":
-        from . import commands, synth
+        from . import commands, load, synth
 
         synth.register(sub)
         commands.register(sub)
+        load.register(sub)
     data.register(sub)
     return parser
 

@@ -34,6 +34,8 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 def contiguous(t: torch.Tensor) -> torch.Tensor:
     if t.is_contiguous():
         return t
+    if t.device.type != "cpu":  # the banded copy is a host-cache trick; devices copy strided views well
+        return t.contiguous()
     out = torch.empty(t.shape, dtype=t.dtype)
     copy_into(out, t)
     return out
@@ -41,7 +43,7 @@ def contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def cat(parts: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
     """``torch.cat`` that copies transposed parts with :func:`copy_into`."""
-    if not any(_is_transposed_2d(p) for p in parts):
+    if parts[0].device.type != "cpu" or not any(_is_transposed_2d(p) for p in parts):
         return torch.cat(parts, dim=dim)
     shape = list(parts[0].shape)
     shape[dim] = sum(p.shape[dim] for p in parts)

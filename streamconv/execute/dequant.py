@@ -81,12 +81,19 @@ HAVE_NUMBA = _gather_numba is not None  # the fast path is in use
 
 
 def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int],
-                      origin: tuple[int, int] = (0, 0), dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Dequantize a 2-D fp8 tensor with per-block float32 scales (see ``DequantArg`` for ``origin``)."""
+                      origin: tuple[int, int] = (0, 0), dtype: torch.dtype = torch.bfloat16,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize a 2-D fp8 tensor with per-block float32 scales (see ``DequantArg`` for ``origin``).
+
+    ``out``: a CPU tensor of ``w``'s shape and ``dtype`` to write into, any strides (the loader's destination;
+    a transposed slot of a grouped-GEMM stack is written directly, without a second, transposing copy)."""
     _check_scale(w, scale, block, origin)
+    if out is not None and (tuple(out.shape) != tuple(w.shape) or out.dtype != dtype or out.device.type != "cpu"):
+        raise GraphError(f"dequant_fp8_block: out must be a CPU {dtype}{list(w.shape)} tensor (got "
+                         f"{out.dtype}{list(out.shape)} on {out.device}).")
     if HAVE_NUMBA:
-        return _dequant_numba(w, scale, block=block, origin=origin, dtype=dtype)
-    return _dequant_numpy(w, scale, block=block, origin=origin, dtype=dtype)
+        return _dequant_numba(w, scale, block=block, origin=origin, dtype=dtype, out=out)
+    return _dequant_numpy(w, scale, block=block, origin=origin, dtype=dtype, out=out)
 
 
 def _check_scale(w, scale, block, origin):
@@ -111,20 +118,26 @@ def _tables(values: torch.Tensor, scale: torch.Tensor, b0: int, b1: int, dtype: 
     return lut.view(_int_view(dtype)).numpy()
 
 
-def _prepare(w, scale, dtype):
+def _prepare(w, scale, dtype, out=None):
     """What both paths start from: the output (torch and integer numpy views), the fp8 codes as uint8, the
     float32 value of each code, float32 scales.  ``codes`` is None for an empty weight."""
     rows, cols = w.shape
-    out, out_np = _empty(rows, cols, dtype)
-    codes = w.contiguous().view(torch.uint8).numpy() if rows and cols else None
+    if out is None:
+        out, out_np = _empty(rows, cols, dtype)
+    else:
+        out_np = out.view(_int_view(dtype)).numpy()
+    # A column slice of a read (a TP share cut from whole stored rows) is gathered in place: the kernel walks
+    # rows, so only the elements within a row need to be adjacent.
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    codes = w.view(torch.uint8).numpy() if rows and cols else None
     return out, out_np, codes, _VALUES[w.dtype], scale.to(torch.float32)
 
 
-def _dequant_numba(w, scale, *, block, origin, dtype):
+def _dequant_numba(w, scale, *, block, origin, dtype, out=None):
     rows, cols = w.shape
     br, bc = block
     r0, c0 = origin
-    out, out_np, codes, values, scale = _prepare(w, scale, dtype)
+    out, out_np, codes, values, scale = _prepare(w, scale, dtype, out)
     if codes is None:
         return out
     per_call = max(1, _LUT_ENTRIES // (256 * scale.shape[1]))  # block rows per table
@@ -139,11 +152,11 @@ def _dequant_numba(w, scale, *, block, origin, dtype):
     return out
 
 
-def _dequant_numpy(w, scale, *, block, origin, dtype):
+def _dequant_numpy(w, scale, *, block, origin, dtype, out=None):
     rows, cols = w.shape
     br, bc = block
     r0, c0 = origin
-    out, out_np, codes, values, scale = _prepare(w, scale, dtype)
+    out, out_np, codes, values, scale = _prepare(w, scale, dtype, out)
     if codes is None:
         return out
     # Column c uses scale column (c + c0) // bc; its table row starts at that block's index * 256.

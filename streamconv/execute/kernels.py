@@ -12,6 +12,7 @@ import os
 import torch
 
 from .. import types
+from ..errors import GraphError
 from ..graph.node import (BlockScaleArg, CastArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg,
                           TransposeArg, ViewArg)
 from ..storage import fileio
@@ -21,13 +22,21 @@ from . import quant
 from .dequant import dequant_fp8_block
 
 
-def read_kernel(root: str, a: ReadArg) -> torch.Tensor:
+def read_kernel(root: str, a: ReadArg, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The bytes of a read node, in a fresh tensor, or positionally read into ``out`` (contiguous, CPU)."""
     dt = types.dtype(a.dtype)
     row = dt.nbytes(a.shape[1:]) if a.shape else dt.itemsize
     r0, r1 = a.rows
     shape = (r1 - r0,) + tuple(a.shape[1:]) if a.shape else ()
-    buf = fileio.read_range(os.path.join(root, a.file), a.offset + r0 * row, (r1 - r0) * row)
-    return bytes_to_tensor(buf, dt.name, shape)
+    path = os.path.join(root, a.file)
+    if out is None:
+        return bytes_to_tensor(fileio.read_range(path, a.offset + r0 * row, (r1 - r0) * row), dt.name, shape)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fileio.pread_into(fd, out.reshape(-1).view(torch.uint8).numpy(), a.offset + r0 * row, path=path)
+    finally:
+        os.close(fd)
+    return out
 
 
 def _slice(a: SliceArg, x: torch.Tensor) -> torch.Tensor:
@@ -85,17 +94,71 @@ def run_node(root: str, node_op: Op, arg, *srcs: torch.Tensor) -> torch.Tensor:
     return KERNELS[node_op](arg, *srcs)
 
 
-def materialize(node: Node, root: str, *, device: str | torch.device = "cpu",
-                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Evaluate ``node`` in this process and return a contiguous tensor on ``device``.
-
-    This is the training-time path: a job pulls its own rank's tensors straight from a plan.  ``cache``
-    (content key -> value) lets several calls share reads; pass a dict and drop it when done.
-    """
+def _evaluate(node: Node, root: str, values: dict[str, torch.Tensor], dequant=None) -> torch.Tensor:
+    """``node``'s value (possibly a strided view), every node computed once into ``values``."""
     from ..graph.node import toposort
 
-    values: dict[str, torch.Tensor] = cache if cache is not None else {}
     for n in toposort([node]):
-        if n.key not in values:
-            values[n.key] = run_node(root, n.op, n.arg, *(values[s.key] for s in n.src))
-    return fastcopy.contiguous(values[node.key]).to(device)
+        if n.key in values:
+            continue
+        srcs = [values[s.key] for s in n.src]
+        if dequant is not None and n.op is Op.DEQUANT_FP8_BLOCK:
+            values[n.key] = dequant(n.arg, *srcs)
+            continue
+        away = [s.device for s in srcs if s.device.type != "cpu"]
+        if away:
+            srcs = [s.to(away[0]) for s in srcs]
+        values[n.key] = run_node(root, n.op, n.arg, *srcs)
+    return values[node.key]
+
+
+def materialize(node: Node, root: str, *, device: str | torch.device = "cpu",
+                cache: dict[str, torch.Tensor] | None = None, dequant=None) -> torch.Tensor:
+    """Evaluate ``node`` in this process and return a contiguous tensor on ``device``.
+
+    The executor's per-piece path and the training-time loader both go through here.  ``cache`` (content
+    key -> value) lets several calls share reads; pass a dict and drop it when done.  ``dequant``: a callable
+    ``(DequantArg, w, scale_inv) -> tensor`` that runs DEQUANT_FP8_BLOCK nodes instead of the host kernel
+    (:class:`streamconv.execute.device.DeviceDequant`: FP8 decoded on an accelerator); an op whose sources
+    are on different devices runs where the non-host ones are, so what follows a device decode stays there.
+    """
+    values: dict[str, torch.Tensor] = cache if cache is not None else {}
+    return fastcopy.contiguous(_evaluate(node, root, values, dequant)).to(device)
+
+
+def materialize_into(node: Node, root: str, out: torch.Tensor) -> None:
+    """Evaluate ``node`` straight into ``out`` (a CPU tensor of its shape and dtype: a band of the loader's
+    destination, or a model parameter), with the kernels :func:`materialize` uses.
+
+    The last step writes where the value belongs instead of into a fresh buffer that is copied afterwards:
+    a read lands by positional read, a dequant by its kernel's ``out`` (a transposed dequant too: the
+    grouped-GEMM experts), the parts of a cat in their slots, a view in the same bytes; anything else is
+    computed and copied once (``copy.copy_into``: transposed values are copied in cache-sized bands)."""
+    if tuple(out.shape) != tuple(node.shape) or out.dtype != types.dtype(node.dtype).torch:
+        raise GraphError(f"materialize_into: out is {out.dtype}{list(out.shape)}, the node gives "
+                         f"{node.dtype}{list(node.shape)}.")
+    contiguous = out.is_contiguous() and out.device.type == "cpu"
+    if node.op is Op.READ and contiguous and out.numel():
+        read_kernel(root, node.arg, out)
+        return
+    if node.op is Op.VIEW and contiguous:
+        materialize_into(node.src[0], root, out.view(node.src[0].shape))
+        return
+    if node.op is Op.CAT:
+        pos = 0
+        for part in node.src:
+            n = part.shape[node.arg.dim]
+            materialize_into(part, root, out.narrow(node.arg.dim, pos, n))
+            pos += n
+        return
+    if node.op is Op.TRANSPOSE and node.src[0].op is Op.DEQUANT_FP8_BLOCK and out.device.type == "cpu":
+        # dequantize straight into the transposed slot (grouped-GEMM experts): one pass instead of two
+        materialize_into(node.src[0], root, out.transpose(node.arg.dim0, node.arg.dim1))
+        return
+    if node.op is Op.DEQUANT_FP8_BLOCK and out.device.type == "cpu":
+        values: dict[str, torch.Tensor] = {}
+        w, s = (_evaluate(x, root, values) for x in node.src)
+        a = node.arg
+        dequant_fp8_block(w, s, block=a.block, origin=a.origin, dtype=types.dtype(a.dtype).torch, out=out)
+        return
+    fastcopy.copy_into(out, _evaluate(node, root, {}))

@@ -46,11 +46,14 @@ def placement(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptions) -> Pl
 # --- HF -> mcore ---------------------------------------------------------------------------------------------------
 
 def build_rank_tensors(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptions,
-                       src: SourceTensors) -> dict[RankFile, list[TargetTensor]]:
-    """Every rank file's ordered state dict, as nodes over ``src`` (spec §3, §4)."""
+                       src: SourceTensors, ranks=None) -> dict[RankFile, list[TargetTensor]]:
+    """Every rank file's ordered state dict, as nodes over ``src`` (spec §3, §4); with ``ranks`` (a collection
+    of :class:`RankFile`), only those (a training job loading its own rank builds nothing else)."""
     p = placement(spec, cfg, sizes, o)
     out: dict[RankFile, list[TargetTensor]] = {}
     for r in p.ranks:
+        if ranks is not None and r not in ranks:
+            continue
         t = r.tp_rank
         tensors: list[TargetTensor] = []
         for group in p.layout.groups():

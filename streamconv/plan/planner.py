@@ -29,13 +29,19 @@ FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options: McoreOptions = McoreOptions(),
-                     *, model_type_hf: str | None = None, save_args: bool = False) -> Plan:
+                     *, model_type_hf: str | None = None, save_args: bool = False, ranks=None) -> Plan:
     """Compile an HF checkpoint -> MindSpeed mcore (legacy torch format) conversion plan.  The model family
     comes from config.json's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given).
 
     ``save_args``: every rank file also holds the ``args`` namespace MindSpeed's own mg -> hf reads back
-    (loading it with ``torch.load(weights_only=True)`` then needs ``add_safe_globals([argparse.Namespace])``)."""
-    check_disjoint(save_dir, [("--load-dir", load_dir)])
+    (loading it with ``torch.load(weights_only=True)`` then needs ``add_safe_globals([argparse.Namespace])``).
+
+    ``ranks``: plan only these rank files (a collection of :class:`~streamconv.layout.parallel.RankFile`; the
+    training-time loader asks for its own).  Every check runs as for the whole plan except source coverage,
+    which is a property of all ranks together; the partial plan has no tracker and no record, so running it
+    can never leave a directory that looks like a complete checkpoint.  ``options["ranks"]`` lists them."""
+    if ranks is None:  # a partial plan is the loader's, held in memory (running one is still audited for overlap)
+        check_disjoint(save_dir, [("--load-dir", load_dir)])
     src = HFSource(load_dir)
     cfg_json = src.config()
     cfg_path = os.path.join(src.root, "config.json")
@@ -43,13 +49,13 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     cfg = spec.parse_config(cfg_json, cfg_path)
     src.quant = spec.quant
     check_source_against_config(src, spec, cfg)
-    per_rank = build_rank_tensors(spec, cfg, sizes, options, src)  # validates flags against the model first
+    per_rank = build_rank_tensors(spec, cfg, sizes, options, src, ranks)  # validates flags against the model first
     p = placement(spec, cfg, sizes, options)
     groups = p.layout.groups()
     attrs: tuple = (("checkpoint_version", 3.0), ("iteration", ITERATION))
     if save_args:
         attrs += (("args", mindspeed_args(spec, cfg, sizes, options, p.layout.num_layers)),)
-    leftover = src.unaccounted()
+    leftover = src.unaccounted() if ranks is None else []
     if leftover:
         raise ValidationError([f"{n}: present in the source but consumed by no output and not declared "
                                f"dropped. This is a bug in the model table; please report it." for n in leftover])
@@ -67,9 +73,13 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
                     for pos, t in enumerate(tensors))
         _check_unique(path, out)
         files.append(OutputFile(path, "megatron_pt", out, attrs=attrs, groups=groups))
-    # The HF config and the layout, so that mcore -> HF needs neither --hf-config nor the layout flags.
-    files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options)))
-    files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
+    if ranks is None:
+        # The HF config and the layout, so that mcore -> HF needs neither --hf-config nor the layout flags.
+        files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options)))
+        files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
+    planned = {"target": asdict(sizes), "model": asdict(options), "model_type": spec.name}
+    if ranks is not None:
+        planned["ranks"] = sorted([r.tp_rank, r.pp_rank, r.ep_rank] for r in per_rank)
 
     return Plan(
         kind="hf2mcore",
@@ -79,8 +89,7 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         files=tuple(files),
         dropped=tuple(Dropped(n, r) for n, r in sorted(src.dropped.items())),
         # JSON-native (tuples as lists), so a plan equals itself read back from its file
-        options=json.loads(json.dumps({"target": asdict(sizes), "model": asdict(options),
-                                       "model_type": spec.name})),
+        options=json.loads(json.dumps(planned)),
     )
 
 
