@@ -19,6 +19,7 @@ from ..mapping.spec import ModelSpec
 from ..models import model_for_config
 from .mcore2hf import RECORD, record_text
 from .plan import Dropped, OutputFile, OutputTensor, Plan
+from .qlora import quantize_ranks
 from .sources import HFSource
 
 ITERATION = 1
@@ -28,12 +29,15 @@ FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options: McoreOptions = McoreOptions(),
-                     *, model_type_hf: str | None = None, save_args: bool = False) -> Plan:
+                     *, model_type_hf: str | None = None, save_args: bool = False,
+                     qlora_nf4: str | None = None) -> Plan:
     """Compile an HF checkpoint -> MindSpeed mcore (legacy torch format) conversion plan.  The model family
     comes from config.json's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given).
 
     ``save_args``: every rank file also holds the ``args`` namespace MindSpeed's own mg -> hf reads back
-    (loading it with ``torch.load(weights_only=True)`` then needs ``add_safe_globals([argparse.Namespace])``)."""
+    (loading it with ``torch.load(weights_only=True)`` then needs ``add_safe_globals([argparse.Namespace])``).
+    ``qlora_nf4``: store QLoRA's weights in bitsandbytes NF4 with this nibble order (``"npu"`` or ``"cuda"``;
+    :mod:`streamconv.plan.qlora`)."""
     src = HFSource(load_dir)
     cfg_json = src.config()
     cfg_path = os.path.join(src.root, "config.json")
@@ -42,6 +46,8 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     src.quant = spec.quant
     check_source_against_config(src, spec, cfg)
     per_rank = build_rank_tensors(spec, cfg, sizes, options, src)  # validates flags against the model first
+    if qlora_nf4 is not None:
+        per_rank = quantize_ranks(spec, per_rank, qlora_nf4)
     p = placement(spec, cfg, sizes, options)
     groups = p.layout.groups()
     attrs: tuple = (("checkpoint_version", 3.0), ("iteration", ITERATION))
@@ -66,7 +72,8 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         _check_unique(path, out)
         files.append(OutputFile(path, "megatron_pt", out, attrs=attrs, groups=groups))
     # The HF config and the layout, so that mcore -> HF needs neither --hf-config nor the layout flags.
-    files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options)))
+    qlora = {"nf4_layout": qlora_nf4} if qlora_nf4 is not None else None
+    files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options, qlora)))
     files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
 
     return Plan(
@@ -77,8 +84,8 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         files=tuple(files),
         dropped=tuple(Dropped(n, r) for n, r in sorted(src.dropped.items())),
         # JSON-native (tuples as lists), so a plan equals itself read back from its file
-        options=json.loads(json.dumps({"target": asdict(sizes), "model": asdict(options),
-                                       "model_type": spec.name})),
+        options=json.loads(json.dumps({"target": asdict(sizes), "model": asdict(options), "model_type": spec.name,
+                                       **({"qlora_nf4": qlora_nf4} if qlora_nf4 is not None else {})})),
     )
 
 
