@@ -70,18 +70,30 @@ def hf_modules(hf: dict, targets) -> dict[str, str]:
     return out
 
 
-def make_factors(hf: dict, targets, r: int = R, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """HF module -> (A [r, in], B [out, r]) in bf16, exact-product values; fused modules share A."""
+def make_factors(hf: dict, targets, r: int = R, seed: int = 0, *, a=(31, -6), b=(7, -5)) -> dict:
+    """HF module -> (A [r, in], B [out, r]) in bf16, exact-product values (entries ``k * 2**e`` with |k| <= the
+    given bound, ``a`` and ``b`` = (bound, e)); fused modules share A."""
     g = torch.Generator().manual_seed(seed)
     a_of_group: dict[str, torch.Tensor] = {}
     out = {}
     for module, group in hf_modules(hf, targets).items():
         rows, cols = hf[module + ".weight"].shape
         if group not in a_of_group:
-            a_of_group[group] = (torch.randint(-31, 32, (r, cols), generator=g) * 2.0 ** -6).to(torch.bfloat16)
-        b = (torch.randint(-7, 8, (rows, r), generator=g) * 2.0 ** -5).to(torch.bfloat16)
-        out[module] = (a_of_group[group], b)
+            a_of_group[group] = (torch.randint(-a[0], a[0] + 1, (r, cols), generator=g) * 2.0 ** a[1]).to(torch.bfloat16)
+        fb = (torch.randint(-b[0], b[0] + 1, (rows, r), generator=g) * 2.0 ** b[1]).to(torch.bfloat16)
+        out[module] = (a_of_group[group], fb)
     return out
+
+
+def coarse_base(hf_dir: str, out_dir: str, targets, seed: int = 1) -> str:
+    """A copy of an HF checkpoint whose targeted weights are ``k * 2**-7`` (|k| <= 8): merged with factors from
+    ``make_factors(..., a=(2, -3), b=(2, -4))`` and alpha / r = 2, every merged weight is exact in bf16, so a
+    PEFT model computing ``W + s * B @ A`` in float32 and the merged checkpoint are the same model."""
+    g = torch.Generator().manual_seed(seed)
+    config, hf = load_hf(hf_dir)
+    replace = {m + ".weight": (torch.randint(-8, 9, hf[m + ".weight"].shape, generator=g) * 2.0 ** -7).to(torch.bfloat16)
+               for m in hf_modules(hf, targets)}
+    return _stand_in(hf_dir, out_dir, replace)
 
 
 def _stand_in(hf_dir: str, out_dir: str, replace: dict[str, torch.Tensor]) -> str:

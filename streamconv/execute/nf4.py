@@ -11,12 +11,13 @@ of N elements taken in row-major order and cut into blocks of 64:
 * packing, two codes a byte: ``cuda`` puts element 2i in the high nibble and stores the index itself
   (bitsandbytes' CUDA and CPU order); ``npu`` puts element 2i in the low nibble and stores (index + 8) mod 16
   (the Ascend backend's ``backends/npu/ops.py``). Both use the index chosen as above;
-* double quantization of the absmax (``quantize_blockwise(absmax - offset, blocksize=256)``, the CPU C kernel):
-  ``offset = mean(absmax)`` (torch's float32 mean of the whole vector), per block of 256 the scale ``m = max
-  |absmax - offset|``, ``z = (absmax - offset) / m`` (float32 division), code = the dynamic-map entry nearest
-  to z, found as the largest entry <= z and then its right neighbour if strictly nearer (float32 distances),
-  in the map with entry 0 set to -1 (the C kernel overwrites its copy; the map stored next to the weight,
-  ``nested_quant_map``, keeps the original -0.993);
+* double quantization of the absmax (``quantize_blockwise(absmax - offset, blocksize=256)``, bitsandbytes' CPU
+  kernel as of 0.50): ``offset = mean(absmax)`` (torch's float32 mean of the whole vector), per block of 256
+  the scale ``m = max |absmax - offset|``, ``v = clamp((absmax - offset) * (1 / m), -1, 1)`` and the code
+  ``lut[int((v + 1) * 0.5 * 65535 + 0.5)]`` from a 65536-entry table mapping ``-1 + 2i / 65535`` to the
+  number of midpoints of the dynamic map below it (float32 throughout; a zero scale gives code 0).  This is
+  the kernel's own approximation of "nearest entry" (about 0.3% of codes differ from the exact nearest), so
+  the bytes are bitsandbytes'; older bitsandbytes builds searched the map exactly and can differ in those;
 * dequantization: ``absmax = dynamic[code] * m[b // 256] + offset`` and ``x = dtype(nf4[index] *
   absmax[b])``, float32 operations in that order.
 
@@ -41,9 +42,9 @@ _MIDPOINTS = (NF4[:-1] + NF4[1:]) / 2
 _BAND_ELEMENTS = 1 << 22
 
 
-def dynamic_map(*, search: bool = False) -> torch.Tensor:
+def dynamic_map() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``: 7 exponent bits), 256 sorted float32
-    values; ``search``: with entry 0 set to -1, as the CPU quantizer searches it."""
+    values."""
     data = []
     max_exp, non_sign = 7, 7
     for i in range(max_exp):
@@ -54,10 +55,21 @@ def dynamic_map(*, search: bool = False) -> torch.Tensor:
         data += (-(10 ** (-(max_exp - 1) + i)) * means).tolist()
     data += [0, 1.0]
     data.sort()
-    out = torch.tensor(data, dtype=torch.float32)
-    if search:
-        out[0] = -1.0
-    return out
+    return torch.tensor(data, dtype=torch.float32)
+
+
+_LUT_SIZE = 65536
+
+
+def _dynamic_lut() -> torch.Tensor:
+    """bitsandbytes' CPU quantization table: entry i = how many midpoints of the map lie below -1 + 2i/65535."""
+    code = dynamic_map()
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / float(_LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, grid, side="left").to(torch.uint8)
+
+
+_LUT = _dynamic_lut()
 
 
 def table(name: str) -> torch.Tensor:
@@ -124,12 +136,11 @@ def nested(amax: torch.Tensor, part: str, *, blocksize: int) -> torch.Tensor:
     scales = padded.abs().amax(dim=1) if n else torch.zeros(0, dtype=torch.float32)
     if part == "scales":
         return scales
-    code = dynamic_map(search=True)
-    z = centred / scales.repeat_interleave(blocksize)[:n]
-    left = (torch.searchsorted(code, z, right=True) - 1).clamp(0, 255)
-    right = (left + 1).clamp(max=255)
-    nearer = (left < 255) & ((z - code[right]).abs() < (z - code[left]).abs())
-    return (left + nearer.to(left.dtype)).to(torch.uint8)
+    inv = (1.0 / scales).repeat_interleave(blocksize)[:n]
+    v = torch.clamp(centred * inv, -1.0, 1.0)
+    index = ((v + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)
+    codes = _LUT[index]
+    return torch.where(scales.repeat_interleave(blocksize)[:n] == 0, torch.zeros_like(codes), codes)
 
 
 def state_json(amax: torch.Tensor, *, shape, dtype: str, blocksize: int, nested_blocksize: int,
