@@ -231,11 +231,23 @@ def adapter_keys(factors: dict) -> dict[str, torch.Tensor]:
 
 
 def merge_rank_dict(sd: dict, alpha, r: int) -> dict:
-    """MindSpeed's ``_merge_lora`` on one rank dict (merge type 2 after ``{**lora, **base}``; spec §5.2)."""
+    """MindSpeed's ``_merge_lora`` on one rank dict (merge type 2 after ``{**lora, **base}``; spec §5.2),
+    grouped-GEMM stacks per local expert on their [n, H, -1] / [n, -1, H] views."""
     out = dict(sd)
     names = sorted({k.split(".lora")[0] for k in sd if ".lora" in k and not k.endswith("_extra_state")})
     for name in names:
         a, b = out.pop(f"{name}.lora_A.default.weight"), out.pop(f"{name}.lora_B.default.weight")
         base = out[f"{name}.weight"]
         out[f"{name}.weight"] = base + (alpha / r) * torch.matmul(b.float(), a.float()).to(base.dtype)
+    for key in [k for k in sd if k.endswith(("experts.weight1", "experts.weight2")) and k + "_lora_a" in sd]:
+        w, a, b = out[key], out.pop(key + "_lora_a"), out.pop(key + "_lora_b")
+        if key.endswith("weight1"):
+            n = a.shape[1] // r
+            wv, av, bv = w.view(n, w.shape[0], -1).clone(), a.view(n, -1, r), b.view(n, r, -1)
+        else:
+            n = b.shape[0] // r
+            wv, av, bv = w.view(n, -1, w.shape[1]).clone(), a.view(n, -1, r), b.view(n, r, -1)
+        for i in range(n):
+            wv[i] = wv[i] + (alpha / r) * torch.matmul(av[i].float(), bv[i].float()).to(w.dtype)
+        out[key] = wv.view(w.shape)
     return out

@@ -2,25 +2,110 @@
 
 MindSpeed's ``_merge_lora`` (spec §5.2) computes, per rank shard, ``base + (alpha / r) * matmul(B.float(),
 A.float()).to(base.dtype)``: the product in float32, rounded once to the base dtype, multiplied by the Python
-float ``alpha / r`` (a bf16 result), then added to the base in bf16.  This kernel runs exactly those torch ops,
-in that order, on bands of rows, so the merged bytes are the reference's wherever the float32 product is the
-same; every step after the matmul is elementwise, and each product element is one dot product over the rank
-(no band changes which terms it sums).
+float ``alpha / r`` (a result in the base dtype), then added to the base in the base dtype.  This kernel runs
+those steps in that order, on bands of rows.
 
-Memory: the float32 product is bounded by ``_BAND_ELEMENTS`` per step, whatever the band the executor hands in.
+The float32 product needs one more decision to be reproducible: BLAS picks its kernel by matrix shape, so
+``torch.matmul`` of a band of rows can round differently from the whole matrix (a 5-row band does; a 500-row
+one does not).  Here every product element is one fused multiply-add chain over the rank in order,
+``acc = fma(left[i, k], right[k, j], acc)`` for k = 0 .. r-1 from ``acc = 0``, which is what torch's float32
+matmul computes for matrices of a few dozen rows and more (tested), and the same whatever band the executor
+cuts.  When the factors' products are exact (the tests' factors) every method agrees, and the merged bytes are
+the reference's whatever its hardware.
+
+The chain runs in a numba kernel (``llvm.fma``, nogil); without numba, in torch, accumulating each step in
+float64 and rounding to float32 (a product of floats is exact in float64, so this differs from a true FMA only
+in rare double-rounding ties).
 """
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 _BAND_ELEMENTS = 1 << 22   # float32 temporaries of 16 MiB per step
+_TILE = 512                # columns accumulated at once (stay in L1 across the rank loop)
 
 
 def lora_scale(alpha: str, rank: int) -> float:
     """The Python float the reference multiplies by, ``alpha / r``: an int alpha below 2**53 converts to float
     exactly, so ``float(alpha) / rank`` is the same correctly rounded quotient as ``int / int``."""
     return float(alpha) / rank
+
+
+def _chain_kernel(fma):
+    """The kernel's source, with ``fma`` the float32 fused multiply-add:
+    ``out[i, j] = fma(left[i, r-1], right[r-1, j], ... fma(left[i, 0], right[0, j], 0))``, columns in tiles."""
+    tile = _TILE
+
+    def chain(left, right, out):
+        rows, rank = left.shape
+        cols = right.shape[1]
+        for i in range(rows):
+            for j0 in range(0, cols, tile):
+                j1 = min(cols, j0 + tile)
+                for j in range(j0, j1):
+                    out[i, j] = np.float32(0.0)
+                for k in range(rank):
+                    lk = left[i, k]
+                    for j in range(j0, j1):
+                        out[i, j] = fma(lk, right[k, j], out[i, j])
+
+    return chain
+
+
+def _build():
+    try:
+        import numba
+        from llvmlite import ir
+        from numba import types
+        from numba.core import cgutils
+        from numba.extending import intrinsic
+    except ImportError as e:  # optional: the torch path below is exact up to rare double-rounding ties
+        log.debug("numba not available (%s): the LoRA product accumulates in torch", e)
+        return None
+
+    @intrinsic
+    def fma32(typingctx, a, b, c):
+        sig = types.float32(types.float32, types.float32, types.float32)
+
+        def codegen(context, builder, signature, args):
+            f = ir.FloatType()
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
+            return builder.call(fn, args)
+
+        return sig, codegen
+
+    return numba.njit(nogil=True)(_chain_kernel(fma32))
+
+
+_fma_chain = _build()
+HAVE_NUMBA = _fma_chain is not None
+
+
+def product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """float32 ``left @ right`` as an in-order FMA chain over the inner dimension (see the module docstring)."""
+    l32 = left.to(torch.float32).contiguous()
+    r32 = right.to(torch.float32).contiguous()
+    out = torch.empty(l32.shape[0], r32.shape[1], dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    global _fma_chain
+    if _fma_chain is not None:
+        try:
+            _fma_chain(l32.numpy(), r32.numpy(), out.numpy())   # compiled on first use
+            return out
+        except Exception as e:  # noqa: BLE001  (a numba that cannot lower the intrinsic: use torch from now on)
+            log.warning("the numba LoRA kernel failed to compile (%s); the product accumulates in torch", e)
+            _fma_chain = None
+    acc = torch.zeros(out.shape, dtype=torch.float64)
+    for k in range(l32.shape[1]):
+        acc = (l32[:, k:k + 1].double() * r32[k:k + 1].double() + acc).to(torch.float32).double()
+    return acc.to(torch.float32)
 
 
 def merge_lora(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, alpha: str, rank: int) -> torch.Tensor:
@@ -30,10 +115,9 @@ def merge_lora(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, alph
     out = torch.empty((rows, cols), dtype=w.dtype)
     if rows == 0 or cols == 0:
         return out
-    right32 = right.to(torch.float32)
     step = max(1, _BAND_ELEMENTS // cols)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        delta = torch.matmul(left[a:b].to(torch.float32), right32).to(w.dtype)
+        delta = product(left[a:b], right).to(w.dtype)
         torch.add(w[a:b], delta * scale, out=out[a:b])
     return out
