@@ -28,7 +28,6 @@ import torch
 log = logging.getLogger(__name__)
 
 _BAND_ELEMENTS = 1 << 22   # float32 temporaries of 16 MiB per step
-_TILE = 512                # columns accumulated at once (stay in L1 across the rank loop)
 
 
 def lora_scale(alpha: str, rank: int) -> float:
@@ -37,23 +36,24 @@ def lora_scale(alpha: str, rank: int) -> float:
     return float(alpha) / rank
 
 
-def _chain_kernel(fma):
-    """The kernel's source, with ``fma`` the float32 fused multiply-add:
-    ``out[i, j] = fma(left[i, r-1], right[r-1, j], ... fma(left[i, 0], right[0, j], 0))``, columns in tiles."""
-    tile = _TILE
+def _chain_kernel(njit, fma):
+    """The kernel, with ``fma`` the float32 fused multiply-add: row by row,
+    ``out[i] = fma(left[i, r-1], right[r-1], ... fma(left[i, 0], right[0], 0))``.  The inner loop is a
+    separate 1-D function, which LLVM vectorizes (a 2-D loop body is left scalar)."""
 
+    @njit
+    def axpy(x, y, a):
+        for j in range(x.shape[0]):
+            y[j] = fma(a, x[j], y[j])
+
+    @njit
     def chain(left, right, out):
         rows, rank = left.shape
-        cols = right.shape[1]
         for i in range(rows):
-            for j0 in range(0, cols, tile):
-                j1 = min(cols, j0 + tile)
-                for j in range(j0, j1):
-                    out[i, j] = np.float32(0.0)
-                for k in range(rank):
-                    lk = left[i, k]
-                    for j in range(j0, j1):
-                        out[i, j] = fma(lk, right[k, j], out[i, j])
+            acc = out[i]
+            acc[:] = 0.0
+            for k in range(rank):
+                axpy(right[k], acc, left[i, k])
 
     return chain
 
@@ -80,7 +80,7 @@ def _build():
 
         return sig, codegen
 
-    return numba.njit(nogil=True)(_chain_kernel(fma32))
+    return _chain_kernel(numba.njit(nogil=True), fma32)
 
 
 _fma_chain = _build()
