@@ -36,10 +36,16 @@ def lora_scale(alpha: str, rank: int) -> float:
     return float(alpha) / rank
 
 
-def _chain_kernel(njit, fma):
-    """The kernel, with ``fma`` the float32 fused multiply-add: row by row,
-    ``out[i] = fma(left[i, r-1], right[r-1], ... fma(left[i, 0], right[0], 0))``.  The inner loop is a
-    separate 1-D function, which LLVM vectorizes (a 2-D loop body is left scalar)."""
+def _kernels(njit, fma, as_bits, as_float):
+    """The numba kernels, from the float32 fused multiply-add ``fma`` and the float32 <-> uint32 bit casts.
+
+    ``chain``: row by row, ``out[i] = fma(left[i, r-1], right[r-1], ... fma(left[i, 0], right[0], 0))``; the
+    inner loop is a separate 1-D function, which LLVM vectorizes (a 2-D loop body is left scalar).
+    ``merge_bf16``: the whole merge for a bf16 weight in one pass over each row (bf16 as uint16 bits): the
+    chain, then ``bf16(acc)``, ``bf16(float(d) * scale)``, ``bf16(float(w) + float(s))``, each rounding to
+    nearest even as torch does, so the bytes are those of the torch ops of :func:`merge_lora`'s general path
+    without their float32 temporaries.  A NaN becomes 0xFFFF, as torch's vectorized conversion makes it (its
+    scalar one gives 0x7FC0; which one torch uses depends on the position in the tensor)."""
 
     @njit
     def axpy(x, y, a):
@@ -55,7 +61,34 @@ def _chain_kernel(njit, fma):
             for k in range(rank):
                 axpy(right[k], acc, left[i, k])
 
-    return chain
+    @njit
+    def bf16(x):
+        if x != x:
+            return np.uint16(0xFFFF)
+        bits = as_bits(x)
+        return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @njit
+    def widen(h):
+        return as_float(np.uint32(h) << np.uint32(16))
+
+    @njit
+    def combine(w, acc, out, scale):
+        for j in range(acc.shape[0]):
+            scaled = bf16(widen(bf16(acc[j])) * scale)
+            out[j] = bf16(widen(w[j]) + widen(scaled))
+
+    @njit
+    def merge_bf16(w, left, right, out, scale):
+        rows, rank = left.shape
+        acc = np.empty(right.shape[1], np.float32)
+        for i in range(rows):
+            acc[:] = 0.0
+            for k in range(rank):
+                axpy(right[k], acc, left[i, k])
+            combine(w[i], acc, out[i], scale)
+
+    return chain, merge_bf16
 
 
 def _build():
@@ -67,23 +100,31 @@ def _build():
         from numba.extending import intrinsic
     except ImportError as e:  # optional: the torch path below is exact up to rare double-rounding ties
         log.debug("numba not available (%s): the LoRA product accumulates in torch", e)
-        return None
+        return None, None
+
+    f32, i32 = ir.FloatType(), ir.IntType(32)
 
     @intrinsic
     def fma32(typingctx, a, b, c):
-        sig = types.float32(types.float32, types.float32, types.float32)
-
         def codegen(context, builder, signature, args):
-            f = ir.FloatType()
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
+                                                "llvm.fma.f32")
             return builder.call(fn, args)
 
-        return sig, codegen
+        return types.float32(types.float32, types.float32, types.float32), codegen
 
-    return _chain_kernel(numba.njit(nogil=True), fma32)
+    @intrinsic
+    def as_bits(typingctx, x):
+        return types.uint32(types.float32), lambda context, builder, signature, args: builder.bitcast(args[0], i32)
+
+    @intrinsic
+    def as_float(typingctx, x):
+        return types.float32(types.uint32), lambda context, builder, signature, args: builder.bitcast(args[0], f32)
+
+    return _kernels(numba.njit(nogil=True), fma32, as_bits, as_float)
 
 
-_fma_chain = _build()
+_fma_chain, _merge_bf16 = _build()
 HAVE_NUMBA = _fma_chain is not None
 
 
@@ -110,11 +151,21 @@ def product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 def merge_lora(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, alpha: str, rank: int) -> torch.Tensor:
     """``w`` [R, C] plus the scaled product of ``left`` [R, k] and ``right`` [k, C], in ``w``'s dtype."""
+    global _merge_bf16
     scale = lora_scale(alpha, rank)
     rows, cols = w.shape
     out = torch.empty((rows, cols), dtype=w.dtype)
     if rows == 0 or cols == 0:
         return out
+    if w.dtype == torch.bfloat16 and _merge_bf16 is not None:
+        try:   # one fused pass (the bytes of the torch path below, without its float32 temporaries)
+            _merge_bf16(w.view(torch.uint16).numpy(), left.to(torch.float32).contiguous().numpy(),
+                        right.to(torch.float32).contiguous().numpy(), out.view(torch.uint16).numpy(),
+                        np.float32(scale))
+            return out
+        except Exception as e:  # noqa: BLE001  (a numba that cannot lower the intrinsics: use torch from now on)
+            log.warning("the numba LoRA merge kernel failed (%s); merging with torch ops", e)
+            _merge_bf16 = None
     step = max(1, _BAND_ELEMENTS // cols)
     for a in range(0, rows, step):
         b = min(rows, a + step)

@@ -147,3 +147,28 @@ def test_bytes_equal_bitsandbytes_cpu(shape, dtype):
     back = nf4.dequantize(data, scales, want["quant_map"], blocksize=64, origin=0, layout="cuda", dtype=dtype,
                           cols=shape[1])
     assert torch.equal(back, F.dequantize_4bit(data, state))
+
+
+def test_fused_bf16_kernel_equals_the_torch_ops(monkeypatch):
+    """The one-pass bf16 kernel (bits and rounding by hand) gives the torch ops' bytes, edge values included:
+    infinities, overflow to inf, subnormals, signed zeros, ties; NaN stays NaN (torch itself writes 0x7FC0 or
+    0xFFFF depending on whether its scalar or vector conversion handles the element)."""
+    if not lora.HAVE_NUMBA:
+        pytest.skip("numba is not installed: only the torch path exists")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(200, 96, generator=g).to(torch.bfloat16)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 1e-40, -0.0, 0.0, 1.0, 2.0 ** -8])
+    w[0, :10] = special.to(torch.bfloat16)
+    b = torch.randn(200, 8, generator=g).to(torch.bfloat16)
+    a = torch.randn(8, 96, generator=g).to(torch.bfloat16)
+    a[0, :10] = special.to(torch.bfloat16)
+    cols = w[:, 10:90]                                   # a column band: rows are strided
+    for x in (w, cols):
+        right = a[:, 10:90] if x is cols else a
+        fused = lora.merge_lora(x, b, right, alpha="3", rank=8)
+        monkeypatch.setattr(lora, "_merge_bf16", None)
+        plain = lora.merge_lora(x, b, right, alpha="3", rank=8)
+        monkeypatch.undo()
+        nan = fused.isnan()
+        assert torch.equal(nan, plain.isnan()) and (nan.any() or x is cols)
+        assert torch.equal(fused.view(torch.uint16)[~nan], plain.view(torch.uint16)[~nan])
