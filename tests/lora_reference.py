@@ -8,7 +8,8 @@ How the LoRA checkpoints of the tests are made (there is no MindSpeed here to tr
    ``B @ A`` is exact whatever the summation order; only the casts spec §5.2 specifies round.  Modules that
    Megatron fuses into one (q_a_proj + kv_a_proj_with_mqa = linear_qkv; gate_proj + up_proj = linear_fc1)
    share their A, as one PEFT module has one A.
-2. :func:`split_factors` splits them per rank file with the *eager base reference* (``tests/reference.py``):
+2. :func:`split_factors` splits them per rank file with the *eager base reference* (``tests/reference.py``,
+   ``tests/reference_families.py`` for the other families):
    it converts two stand-in HF checkpoints whose targeted weights are A tiled by rows (``W[o] = A[o % r]``) and
    B tiled by columns (``W[:, c] = B[:, c % r]``).  A rank piece's first r rows of the A stand-in are then the
    piece's A (split like the weight's columns, whole where they are whole) and its first r columns of the B
@@ -34,13 +35,16 @@ import re
 import torch
 from safetensors.torch import save_file
 
-from tests.reference import RANK_FILE, TRACKER_FILE, load_hf, reference_hf_to_mcore
+from tests.reference import RANK_FILE, TRACKER_FILE, load_hf
+from tests.reference_families import reference_hf_to_mcore_family
 
 R = 8
 
-# Megatron module name -> the HF modules (suffixes under model.layers.{i}.) whose weights it holds (spec §3)
+# Megatron module name -> the HF modules (suffixes under model.layers.{i}.) whose weights it holds (spec §3;
+# Qwen3-MoE's linear_qkv fuses q/k/v, ``mindspeed_v2_families.md``)
 MEGATRON_TO_HF = {
-    "linear_qkv": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+    "linear_qkv": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.q_proj", "self_attn.k_proj",
+                   "self_attn.v_proj"),
     "linear_q_up_proj": ("self_attn.q_b_proj",), "linear_kv_up_proj": ("self_attn.kv_b_proj",),
     "linear_qk_nope": ("self_attn.q_b_proj",), "linear_qk_rope": ("self_attn.q_b_proj",),
     "linear_kv_nope": ("self_attn.kv_b_proj",), "linear_v": ("self_attn.kv_b_proj",),
@@ -79,7 +83,8 @@ def make_factors(hf: dict, targets, r: int = R, seed: int = 0, *, a=(31, -6), b=
     for module, group in hf_modules(hf, targets).items():
         rows, cols = hf[module + ".weight"].shape
         if group not in a_of_group:
-            a_of_group[group] = (torch.randint(-a[0], a[0] + 1, (r, cols), generator=g) * 2.0 ** a[1]).to(torch.bfloat16)
+            k = torch.randint(-a[0], a[0] + 1, (r, cols), generator=g)
+            a_of_group[group] = (k * 2.0 ** a[1]).to(torch.bfloat16)
         fb = (torch.randint(-b[0], b[0] + 1, (rows, r), generator=g) * 2.0 ** b[1]).to(torch.bfloat16)
         out[module] = (a_of_group[group], fb)
     return out
@@ -91,8 +96,8 @@ def coarse_base(hf_dir: str, out_dir: str, targets, seed: int = 1) -> str:
     PEFT model computing ``W + s * B @ A`` in float32 and the merged checkpoint are the same model."""
     g = torch.Generator().manual_seed(seed)
     config, hf = load_hf(hf_dir)
-    replace = {m + ".weight": (torch.randint(-8, 9, hf[m + ".weight"].shape, generator=g) * 2.0 ** -7).to(torch.bfloat16)
-               for m in hf_modules(hf, targets)}
+    replace = {m + ".weight": (torch.randint(-8, 9, hf[m + ".weight"].shape, generator=g) * 2.0 ** -7)
+               .to(torch.bfloat16) for m in hf_modules(hf, targets)}
     return _stand_in(hf_dir, out_dir, replace)
 
 
@@ -118,7 +123,8 @@ def _targeted(key: str, targets) -> str | None:
 
 
 def local_experts(config: dict, tp: int, ep: int, layout: dict) -> int:
-    n = config["n_routed_experts"] // ep
+    n = config.get("n_routed_experts") or config.get("num_experts") or config["num_local_experts"]
+    n //= ep
     return n // tp if layout.get("moe_tp_extend_ep") else n
 
 
@@ -128,8 +134,8 @@ def split_factors(hf_dir: str, factors: dict, targets, work: str, r: int = R, **
     config, hf = load_hf(hf_dir)
     a_stand = {m + ".weight": a.repeat(hf[m + ".weight"].shape[0] // r, 1) for m, (a, _) in factors.items()}
     b_stand = {m + ".weight": b.repeat(1, hf[m + ".weight"].shape[1] // r) for m, (_, b) in factors.items()}
-    fa = reference_hf_to_mcore(_stand_in(hf_dir, os.path.join(work, "a"), a_stand), **layout)
-    fb = reference_hf_to_mcore(_stand_in(hf_dir, os.path.join(work, "b"), b_stand), **layout)
+    fa = reference_hf_to_mcore_family(_stand_in(hf_dir, os.path.join(work, "a"), a_stand), **layout)
+    fb = reference_hf_to_mcore_family(_stand_in(hf_dir, os.path.join(work, "b"), b_stand), **layout)
     tp, ep = layout.get("tp", 1), layout.get("ep", 1)
     n = local_experts(config, tp, ep, layout)
     out: dict = {}

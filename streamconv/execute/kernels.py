@@ -12,9 +12,9 @@ import os
 import torch
 
 from .. import types
-from ..graph.node import (BlockScaleArg, CastArg, CatArg, DequantArg, MergeLoraArg, NF4Arg, NF4NestedArg,
-                          NF4ScalesArg, NF4StateArg, NF4TableArg, Node, Op, QuantArg, ReadArg, SliceArg, TransposeArg,
-                          ViewArg)
+from ..graph.lora_ops import MergeLoraArg, NF4Arg, NF4NestedArg, NF4ScalesArg, NF4StateArg, NF4TableArg
+from ..graph.node import (BlockScaleArg, CastArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg,
+                          TransposeArg, ViewArg)
 from ..storage import fileio
 from ..storage.safetensors import bytes_to_tensor
 from . import copy as fastcopy

@@ -31,9 +31,10 @@ from __future__ import annotations
 import math
 
 from .. import types
-from .node import (BlockScaleArg, CatArg, DequantArg, MergeLoraArg, NF4Arg, Node, Op, QuantArg, ReadArg, SliceArg,
-                   TransposeArg, ViewArg, cast, cat, dequant_fp8_block, fp8_block_scale, make, merge_lora, narrow_dim,
-                   nf4_absmax, nf4_dequant, nf4_quant, quant_fp8_block, read, slice_, transpose, view)
+from .lora_ops import MergeLoraArg, NF4Arg, merge_lora, nf4_absmax, nf4_dequant, nf4_quant
+from .node import (BlockScaleArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg, TransposeArg, ViewArg,
+                   cast, cat, dequant_fp8_block, fp8_block_scale, make, narrow_dim, quant_fp8_block, read, slice_,
+                   transpose, view)
 
 
 def narrow(x: Node, dim: int, start: int, stop: int) -> Node:

@@ -33,7 +33,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..errors import ValidationError
-from ..graph.node import Node, cat, merge_lora, nf4_dequant, nf4_scales, slice_, view
+from ..graph.lora_ops import merge_lora, nf4_dequant, nf4_scales
+from ..graph.node import Node, cat, slice_, view
 from ..layout.parallel import RankFile
 from ..layout.placement import expert_slice
 from ..mapping.assemble import EMBEDDING, OUTPUT_LAYER, placement

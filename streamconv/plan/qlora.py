@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 
 from ..errors import ValidationError
-from ..graph.node import Node, cat, narrow_dim, nf4_absmax, nf4_nested, nf4_quant, nf4_state, nf4_table
+from ..graph.lora_ops import nf4_absmax, nf4_nested, nf4_quant, nf4_state, nf4_table
+from ..graph.node import Node, cat, narrow_dim
 from ..mapping.assemble import TargetTensor
 from .lora import NF4_JSON, NF4_LAYOUTS
 

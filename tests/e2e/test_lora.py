@@ -103,11 +103,12 @@ def adapter_tensors(d):
 CASES = [
     (dict(tp=2, pp=2, ep=2, moe_grouped_gemm=True, mtp_num_layers=1), "type1"),
     (dict(tp=2, ep=2, mtp_num_layers=1), "type2"),                                      # local experts
-    (dict(tp=2, pp=2, vpp_layers=1, moe_grouped_gemm=True), "type2"),                   # VPP model0/model1
+    (dict(pp=2, vpp_layers=1, moe_grouped_gemm=True), "type2"),                         # TP 1, VPP model0/1
 ]
 
 
-@pytest.mark.parametrize("case,kind", CASES, ids=[f"{k}-" + ",".join(f"{a}={b}" for a, b in c.items()) for c, k in CASES])
+@pytest.mark.parametrize("case,kind", CASES, ids=[f"{k}-" + ",".join(f"{a}={b}" for a, b in c.items())
+                                                  for c, k in CASES])
 def test_merge_and_export_equal_the_eager_reference(tiny_hf, tmp_path, case, kind):
     src = tiny_hf["bf16"]
     base, lora, factors = build(src, tmp_path, case, kind=kind)
@@ -117,6 +118,22 @@ def test_merge_and_export_equal_the_eager_reference(tiny_hf, tmp_path, case, kin
     want = L.adapter_keys({m: f for m, f in factors.items()
                            if case.get("mtp_num_layers") or not m.startswith("model.layers.4.")})
     assert_same(adapter_tensors(ad), want)
+
+
+def test_qwen3_moe_merge_and_export(tmp_path):
+    """Family-neutral: Qwen3-MoE's GQA linear_qkv (split by whole query groups) merges and exports to
+    q_proj/k_proj/v_proj, experts to the per-expert and fused layouts."""
+    from tests.hf_tiny_families import build_tiny_qwen3_moe
+
+    src = str(tmp_path / "qwen")
+    build_tiny_qwen3_moe(src)
+    case, targets = dict(tp=2, ep=2, moe_grouped_gemm=True), ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    base, lora, factors = build(src, tmp_path, case, targets, kind="type1")
+    _, hf = load_hf(src)
+    assert_same(load_dir(merge(src, base, lora, str(tmp_path / "merged"), case)), L.merged_hf(hf, factors, 16))
+    assert_same(adapter_tensors(export_adapter(src, lora, str(tmp_path / "ad"), case)), L.adapter_keys(factors))
+    cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
 def test_type1_spellings_and_extra_state(tiny_hf, tmp_path):

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from streamconv.errors import GraphError
 from streamconv.execute.kernels import materialize
 from streamconv.graph.codec import graph_from_json, graph_to_json
-from streamconv.graph.node import (Op, cat, merge_lora, nf4_absmax, nf4_dequant, nf4_nested, nf4_quant, nf4_scales,
-                                   nf4_state, nf4_table, read, slice_, toposort, view)
+from streamconv.graph.lora_ops import (merge_lora, nf4_absmax, nf4_dequant, nf4_nested, nf4_quant, nf4_scales,
+                                       nf4_state, nf4_table)
+from streamconv.graph.node import Op, cat, read, slice_, toposort, view
 from streamconv.graph.rewrite import narrow
 from tests.st_file import write_with_reads
 
