@@ -12,8 +12,8 @@ Rules, one per op (``_RULES``):
 3. cat, same dim    -> only the overlapping parts, each narrowed; other dim -> narrow every part
 4. cast             -> cast of the narrowed source
 5. transpose        -> narrow the swapped dim of the source
-6. view, dim 0      -> of a read: a read of those bytes; else, when the band is a whole number of the
-                      source's rows, narrow the source's rows
+6. view, dim 0      -> of a read: a read of those bytes; of an NF4 dequant: the dequant with the view's rows;
+                      else, when the band is a whole number of the source's rows, narrow the source's rows
 7. dequant, dim 0/1 -> narrow the data and the covering scale blocks, shift the block origin
 8. quant, dim 0/1   -> the same as dequant (data, covering scale blocks, origin)
 9. block scale      -> the scales of the data's rows/columns under those blocks (a scale range is always
@@ -102,6 +102,12 @@ def _view(x: Node, dim, start, stop):
         return None
     if src.op is Op.VIEW:  # a view of a view is one view of the inner source (a merged grouped-GEMM stack)
         return narrow(view(src.src[0], a.shape), dim, start, stop)
+    if src.op is Op.NF4_DEQUANT and len(a.shape) == 2 and a.shape[1]:
+        # dequantized NF4 is flat elements cut into rows of `cols`: any 2-D view is the same op with other rows
+        d: NF4Arg = src.arg
+        data, absmax, table = src.src
+        return narrow(nf4_dequant(data, absmax, table, blocksize=d.blocksize, cols=a.shape[1], origin=d.origin,
+                                  layout=d.layout, dtype=d.dtype), dim, start, stop)
     if src.op is Op.READ:
         # A read is one contiguous byte range, so rows of any view of it are a read too, whether or not they
         # fall on the stored tensor's row boundaries (an expert's block of a grouped-GEMM weight1 whose

@@ -104,6 +104,8 @@ def cases(n):
         out[f"absmax-{name}"] = am
         out[f"quant-{name}"] = q
         out[f"dequant-{name}"] = nf4_dequant(q, sc, nf4_table("nf4"), blocksize=64, cols=x.shape[1], layout="npu")
+    rows, cols = n["x"].shape
+    out["dequant-viewed"] = view(out["dequant-x"], (rows * cols // 24, 24))   # an expert view of a NF4 stack
     return out
 
 
@@ -143,6 +145,8 @@ def test_narrowed_merge_and_dequant_read_only_their_rows(ckpt):
     stack = [x.arg.rows for x in toposort([narrow(c["merge-gemm-stack"], 0, 7, 11)])
              if x.op is Op.READ and x.arg.tensor == "stack"]
     assert stack and all(hi - lo <= 6 for lo, hi in stack)
+    viewed = narrow(c["dequant-viewed"], 0, 20, 22)
+    assert not any(x.op is Op.SLICE and x.src[0].op is Op.VIEW for x in toposort([viewed]))
 
 
 def test_json_round_trip():
