@@ -151,10 +151,6 @@ class Inventory:
     stored: dict[RankFile, dict[tuple[str, str], str]] = field(default_factory=lambda: defaultdict(dict))
     nf4: dict[RankFile, dict[tuple[str, str], NF4Weight]] = field(default_factory=lambda: defaultdict(dict))
 
-    @property
-    def has_lora(self) -> bool:
-        return any(self.modules.values())
-
     def stored_name(self, r: RankFile, group: str, name: str) -> str:
         return self.stored[r].get((group, name), name)
 
@@ -270,7 +266,7 @@ def build_inventory(spec, cfg, sizes, o, expected, main: McoreSource, lora_src: 
         for (g, base), slot in sorted(mine.items()):
             keys = ", ".join(f"{g}.{k}" for k in sorted(slot.values()))
             problems.append(f"{path}: {keys}: LoRA factor(s) of {base}, which "
-                            + ("is not a LoRA target (--lora-target-modules)." if _known(base, want, g)
+                            + ("is not a LoRA target (--lora-target-modules)." if (g, base) in want
                                else "matches no base weight of this layout. " + (
                                    "--lora-load must be the LoRA-only checkpoint of this base, with its layout."
                                    if lora_src else "Check the layout flags.")))
@@ -279,10 +275,6 @@ def build_inventory(spec, cfg, sizes, o, expected, main: McoreSource, lora_src: 
     if problems:
         raise ValidationError(problems)
     return inv
-
-
-def _known(base: str, want, group: str) -> bool:
-    return (group, base) in want
 
 
 def _check_base_layer(inv: Inventory, r: RankFile, g: str, name: str, problems: list[str]) -> None:
