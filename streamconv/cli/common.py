@@ -37,6 +37,17 @@ def add_hf2mcore_flags(p: argparse.ArgumentParser) -> None:
                    help="also store MindSpeed's `args` namespace in every rank file, so MindSpeed's own mg->hf "
                         "can read the checkpoint (torch.load(weights_only=True) then needs argparse.Namespace "
                         "allowed)")
+    p.add_argument("--qlora-nf4", action="store_true",
+                   help="QLoRA base: store the linear weights in bitsandbytes NF4 (blocksize 64, double-quantized "
+                        "statistics), quantized on the fly; no NPU or bitsandbytes needed")
+    add_nf4_layout_flag(p)
+
+
+def add_nf4_layout_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nf4-layout", choices=["npu", "cuda"], default=None,
+                   help="nibble order of NF4 codes: npu (element 2i in the low nibble, code+8; the Ascend "
+                        "bitsandbytes QLoRA used) or cuda (high nibble first; bitsandbytes on CUDA/CPU). Default: "
+                        "npu, or what hf2mcore recorded")
 
 
 def add_mcore2hf_flags(p: argparse.ArgumentParser) -> None:
@@ -64,6 +75,27 @@ def add_mcore2hf_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-scales-from", metavar="HF_DIR", default=None,
                    help="the original FP8 release: reuse its scales wherever the weights still fit them (FP8 -> "
                         "mcore -> FP8 is then exact; blocks grown by training get fresh scales)")
+    add_lora_flags(p)
+
+
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    """MindSpeed's LoRA flags of mcore2hf (their names), and the adapter export's layout."""
+    p.add_argument("--lora-r", type=int, default=None, metavar="R",
+                   help="LoRA rank of training: merge the checkpoint's LoRA factors into the base")
+    p.add_argument("--lora-alpha", default=None, metavar="ALPHA",
+                   help="LoRA alpha of training (the merge adds alpha / r * B @ A)")
+    p.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
+                   help="Megatron module names training wrapped (linear_qkv linear_proj linear_fc1 linear_fc2 ...); "
+                        "default: the ones found in the checkpoint")
+    p.add_argument("--lora-load", metavar="DIR", default=None,
+                   help="a LoRA-only checkpoint (--lora-ckpt-filter) with --load-dir's layout: merged into the base")
+    p.add_argument("--save-lora-to-hf", action="store_true",
+                   help="write the LoRA adapter alone (HF names), not the merged model; reads only the adapter")
+    p.add_argument("--lora-export-layout", choices=["peft", "peft-fused", "mindspeed"], default="peft",
+                   help="peft: adapter_model.safetensors, one entry per HF module (default); peft-fused: routed "
+                        "experts as transformers>=5 fused parameters (PEFT target_parameters); mindspeed: the "
+                        "reference's per-layer shards, index and adapter_config")
+    add_nf4_layout_flag(p)
 
 
 def add_layout_flags(p: argparse.ArgumentParser, recorded: bool = False) -> None:
@@ -126,7 +158,8 @@ def plan_hf2mcore_from_args(args):
     sizes = ParallelSizes(args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
                           args.target_expert_parallel_size)
     return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, _options_from_args(args),
-                            model_type_hf=args.model_type_hf, save_args=args.save_args)
+                            model_type_hf=args.model_type_hf, save_args=args.save_args,
+                            qlora_nf4=(args.nf4_layout or "npu") if args.qlora_nf4 else None)
 
 
 def _options_from_args(args, recorded: dict | None = None):
@@ -153,6 +186,7 @@ def _options_from_args(args, recorded: dict | None = None):
 
 def plan_mcore2hf_from_args(args):
     from ..layout.parallel import ParallelSizes
+    from ..plan.lora import LoraOptions
     from ..plan.mcore2hf import ExportOptions, plan_mcore_to_hf, read_record
 
     layout = read_record(args.load_dir).get("layout") or args_layout(args.load_dir, args.iteration)
@@ -166,8 +200,12 @@ def plan_mcore2hf_from_args(args):
     options = _options_from_args(args, recorded)
     export = ExportOptions(max_shard_size=args.max_shard_size, verify_replicas=args.verify_replicas,
                            fp8_export=args.fp8_export, fp8_scales_from=args.fp8_scales_from)
+    lora = LoraOptions(r=args.lora_r, alpha=args.lora_alpha,
+                       target_modules=tuple(args.lora_target_modules) if args.lora_target_modules else None,
+                       load=args.lora_load, save_to_hf=args.save_lora_to_hf, export_layout=args.lora_export_layout,
+                       nf4_layout=args.nf4_layout)
     return plan_mcore_to_hf(args.load_dir, args.save_dir, sizes, options, export, hf_config_dir=args.hf_config,
-                            iteration=args.iteration, model_type_hf=args.model_type_hf)
+                            iteration=args.iteration, model_type_hf=args.model_type_hf, lora=lora)
 
 
 def args_layout(load_dir: str, iteration: str | None) -> dict:

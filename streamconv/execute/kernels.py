@@ -13,12 +13,13 @@ import torch
 
 from .. import types
 from ..errors import GraphError
+from ..graph.lora_ops import MergeLoraArg, NF4Arg, NF4NestedArg, NF4ScalesArg, NF4StateArg, NF4TableArg
 from ..graph.node import (BlockScaleArg, CastArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg,
                           TransposeArg, ViewArg)
 from ..storage import fileio
 from ..storage.safetensors import bytes_to_tensor
 from . import copy as fastcopy
-from . import quant
+from . import lora, nf4, quant
 from .dequant import dequant_fp8_block
 
 
@@ -75,6 +76,40 @@ def _quant(a: QuantArg, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return quant.quant_fp8_block(x, s, block=a.block, origin=a.origin, dtype=types.dtype(a.dtype).torch)
 
 
+def _merge_lora(a: MergeLoraArg, w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    return lora.merge_lora(w, left, right, alpha=a.alpha, rank=a.rank)
+
+
+def _nf4_absmax(a: NF4Arg, x: torch.Tensor) -> torch.Tensor:
+    return nf4.absmax(x, blocksize=a.blocksize, origin=a.origin)
+
+
+def _nf4_quant(a: NF4Arg, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    return nf4.quantize(x, amax, blocksize=a.blocksize, origin=a.origin, layout=a.layout)
+
+
+def _nf4_nested(a: NF4NestedArg, amax: torch.Tensor) -> torch.Tensor:
+    return nf4.nested(amax, a.part, blocksize=a.blocksize)
+
+
+def _nf4_table(a: NF4TableArg) -> torch.Tensor:
+    return nf4.table(a.name)
+
+
+def _nf4_state(a: NF4StateArg, amax: torch.Tensor) -> torch.Tensor:
+    return nf4.state_json(amax, shape=a.shape, dtype=a.dtype, blocksize=a.blocksize,
+                          nested_blocksize=a.nested_blocksize, width=a.width)
+
+
+def _nf4_scales(a: NF4ScalesArg, codes, scales, dynamic, state) -> torch.Tensor:
+    return nf4.scales(codes, scales, dynamic, state, nested_blocksize=a.nested_blocksize)
+
+
+def _nf4_dequant(a: NF4Arg, data: torch.Tensor, amax: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return nf4.dequantize(data, amax, table, blocksize=a.blocksize, origin=a.origin, layout=a.layout,
+                          dtype=types.dtype(a.dtype).torch, cols=a.cols)
+
+
 KERNELS = {
     Op.SLICE: _slice,
     Op.CAT: _cat,
@@ -84,6 +119,14 @@ KERNELS = {
     Op.DEQUANT_FP8_BLOCK: _dequant,
     Op.FP8_BLOCK_SCALE: _block_scale,
     Op.QUANT_FP8_BLOCK: _quant,
+    Op.MERGE_LORA: _merge_lora,
+    Op.NF4_ABSMAX: _nf4_absmax,
+    Op.NF4_QUANT: _nf4_quant,
+    Op.NF4_NESTED: _nf4_nested,
+    Op.NF4_TABLE: _nf4_table,
+    Op.NF4_STATE: _nf4_state,
+    Op.NF4_SCALES: _nf4_scales,
+    Op.NF4_DEQUANT: _nf4_dequant,
 }
 
 

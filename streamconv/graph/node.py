@@ -32,6 +32,14 @@ class Op(str, Enum):
     DEQUANT_FP8_BLOCK = "dequant_fp8_block"  # block-scaled FP8: float32(w) * scale_inv[block] -> dtype
     FP8_BLOCK_SCALE = "fp8_block_scale"      # per-block scale_inv = amax|x| / fp8_max (float32)
     QUANT_FP8_BLOCK = "quant_fp8_block"      # fp8(float32(x) / scale_inv[block]), the inverse of dequant
+    MERGE_LORA = "merge_lora"                # W + dtype(float32(B) @ float32(A)) * (alpha / r): a LoRA merge
+    NF4_ABSMAX = "nf4_absmax"                # float32 max|x| per block of the row-major elements (bitsandbytes NF4)
+    NF4_QUANT = "nf4_quant"                  # NF4 codes of x, two per byte, with the exact block absmax
+    NF4_NESTED = "nf4_nested"                # double quantization of the absmax (uint8 codes, or their scales)
+    NF4_TABLE = "nf4_table"                  # a code table: the 16 NF4 values or bitsandbytes' 256-entry dynamic map
+    NF4_STATE = "nf4_state"                  # the packed quant-state JSON (uint8), padded to a fixed width
+    NF4_SCALES = "nf4_scales"                # block absmax back from the double quantization (float32)
+    NF4_DEQUANT = "nf4_dequant"              # NF4 codes * block absmax -> dtype [rows, cols]
 
 
 # --- argument types -------------------------------------------------------------------------------------------
@@ -460,3 +468,7 @@ def toposort(roots, *, skip: Callable[[Node], bool] | None = None) -> list[Node]
                 if s.key not in seen:
                     stack.append((s, False))
     return order
+
+
+# The LoRA merge and NF4 ops (argument types, rules, constructors) live in .lora_ops, which registers them here.
+from . import lora_ops  # noqa: E402,F401  (import for its registration; it needs the names above)

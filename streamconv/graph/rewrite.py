@@ -12,13 +12,18 @@ Rules, one per op (``_RULES``):
 3. cat, same dim    -> only the overlapping parts, each narrowed; other dim -> narrow every part
 4. cast             -> cast of the narrowed source
 5. transpose        -> narrow the swapped dim of the source
-6. view, dim 0      -> of a read: a read of those bytes; else, when the band is a whole number of the
-                      source's rows, narrow the source's rows
+6. view, dim 0      -> of a read: a read of those bytes; of an NF4 dequant: the dequant with the view's rows;
+                      else, when the band is a whole number of the source's rows, narrow the source's rows
 7. dequant, dim 0/1 -> narrow the data and the covering scale blocks, shift the block origin
 8. quant, dim 0/1   -> the same as dequant (data, covering scale blocks, origin)
 9. block scale      -> the scales of the data's rows/columns under those blocks (a scale range is always
                        whole blocks, so this always applies; the last block keeps its partial extent)
-10. anything else   -> a plain slice of the node
+10. view of a view  -> one view of the inner source (row-major reinterpretations compose), then rule 6
+11. merge_lora      -> rows: the weight's and B's rows, A whole; columns: the weight's and A's columns, B whole
+12. NF4 absmax      -> the absmax of the whole rows that hold those blocks, then a slice of the blocks
+13. NF4 quant       -> codes of the whole rows holding those bytes, with the absmax blocks under them
+14. NF4 dequant     -> dim 0: the packed bytes of those rows and the absmax blocks under them
+15. anything else   -> a plain slice of the node
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import math
 
 from .. import types
+from .lora_ops import MergeLoraArg, NF4Arg, merge_lora, nf4_absmax, nf4_dequant, nf4_quant
 from .node import (BlockScaleArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg, TransposeArg, ViewArg,
                    cast, cat, dequant_fp8_block, fp8_block_scale, make, narrow_dim, quant_fp8_block, read, transpose, view)
 
@@ -93,6 +99,14 @@ def _view(x: Node, dim, start, stop):
     (src,) = x.src
     if dim != 0 or not src.shape:
         return None
+    if src.op is Op.VIEW:  # a view of a view is one view of the inner source (a merged grouped-GEMM stack)
+        return narrow(view(src.src[0], a.shape), dim, start, stop)
+    if src.op is Op.NF4_DEQUANT and len(a.shape) == 2 and a.shape[1]:
+        # dequantized NF4 is flat elements cut into rows of `cols`: any 2-D view is the same op with other rows
+        d: NF4Arg = src.arg
+        data, absmax, table = src.src
+        return narrow(nf4_dequant(data, absmax, table, blocksize=d.blocksize, cols=a.shape[1], origin=d.origin,
+                                  layout=d.layout, dtype=d.dtype), dim, start, stop)
     if src.op is Op.READ:
         # A read is one contiguous byte range, so rows of any view of it are a read too, whether or not they
         # fall on the stored tensor's row boundaries (an expert's block of a grouped-GEMM weight1 whose
@@ -146,6 +160,69 @@ def _block_scale(x: Node, dim, start, stop):
                            block=a.block, dtype=a.dtype, prefer=prefer)
 
 
+def _merge_lora(x: Node, dim, start, stop):
+    a: MergeLoraArg = x.arg
+    w, left, right = x.src
+    if dim == 0:
+        return merge_lora(narrow(w, 0, start, stop), narrow(left, 0, start, stop), right, alpha=a.alpha, rank=a.rank)
+    return merge_lora(narrow(w, 1, start, stop), left, narrow(right, 1, start, stop), alpha=a.alpha, rank=a.rank)
+
+
+def _nf4_rows(x: Node, e0: int, e1: int, even: bool) -> tuple[int, int]:
+    """Rows of the 2-D source ``x`` holding flat elements ``[e0, e1)``; ``even``: start on an even element."""
+    cols = x.shape[1]
+    ra, rb = e0 // cols, -(-e1 // cols)
+    if even and (ra * cols) % 2:
+        ra -= 1
+    return ra, rb
+
+
+def _nf4_absmax(x: Node, dim, start, stop):
+    a: NF4Arg = x.arg
+    if start == stop:
+        return None
+    (src,) = x.src
+    bs, o = a.blocksize, a.origin
+    ra, rb = _nf4_rows(src, max(0, start * bs - o), min(math.prod(src.shape), stop * bs - o), even=False)
+    if (ra, rb) == (0, src.shape[0]):
+        return None
+    first = (o + ra * src.shape[1]) // bs   # block of the narrowed rows' first element
+    inner = nf4_absmax(narrow(src, 0, ra, rb), blocksize=bs, origin=(o + ra * src.shape[1]) % bs)
+    return narrow(inner, 0, start - first, stop - first)
+
+
+def _nf4_quant(x: Node, dim, start, stop):
+    a: NF4Arg = x.arg
+    if start == stop:
+        return None
+    src, absmax = x.src
+    bs, o, cols = a.blocksize, a.origin, src.shape[1]
+    ra, rb = _nf4_rows(src, 2 * start, 2 * stop, even=True)
+    if (ra, rb) == (0, src.shape[0]):
+        return None
+    b0, b1 = (o + ra * cols) // bs, -(-(o + rb * cols) // bs)
+    inner = nf4_quant(narrow(src, 0, ra, rb), narrow(absmax, 0, b0, b1), blocksize=bs,
+                      origin=(o + ra * cols) % bs, layout=a.layout)
+    skip = (2 * start - ra * cols) // 2
+    return narrow(inner, 0, skip, skip + stop - start)
+
+
+def _nf4_dequant(x: Node, dim, start, stop):
+    a: NF4Arg = x.arg
+    if start == stop:
+        return None
+    data, absmax, table = x.src
+    if dim != 0:
+        return None
+    bs, o, cols = a.blocksize, a.origin, a.cols
+    ra = start - 1 if (start * cols) % 2 else start
+    rb = stop + 1 if (stop * cols) % 2 else stop
+    b0, b1 = (o + ra * cols) // bs, -(-(o + rb * cols) // bs)
+    inner = nf4_dequant(narrow(data, 0, ra * cols // 2, rb * cols // 2), narrow(absmax, 0, b0, b1), table,
+                        blocksize=bs, cols=cols, origin=(o + ra * cols) % bs, layout=a.layout, dtype=a.dtype)
+    return narrow(inner, 0, start - ra, stop - ra)
+
+
 _RULES = {
     Op.READ: _read,
     Op.SLICE: _slice,
@@ -156,6 +233,10 @@ _RULES = {
     Op.DEQUANT_FP8_BLOCK: _dequant,
     Op.QUANT_FP8_BLOCK: _quant,
     Op.FP8_BLOCK_SCALE: _block_scale,
+    Op.MERGE_LORA: _merge_lora,
+    Op.NF4_ABSMAX: _nf4_absmax,
+    Op.NF4_QUANT: _nf4_quant,
+    Op.NF4_DEQUANT: _nf4_dequant,
 }
 
 

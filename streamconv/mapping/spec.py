@@ -139,6 +139,14 @@ class ModelSpec:
     mtp_embedding: str = "embed_tokens.weight"
     mtp_final_norm: str = "shared_head.norm.weight"
     mtp_head: str = "shared_head.head.weight"
+    # QLoRA (``--qlora-nf4``): the mcore weights stored in bitsandbytes NF4, by module name (the name component
+    # before ``.weight``; ``weight1``/``weight2`` for grouped-GEMM experts).  Embeddings, norms, routers stay.
+    qlora_modules: frozenset[str] = frozenset({"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "weight1",
+                                               "weight2", "output_layer"})
+    # transformers >= 5 stores the routed experts of a layer fused, as these two parameters (gate and up stacked
+    # [experts, 2F, H]; down [experts, H, F]): a LoRA adapter for them names them in ``target_parameters``.
+    # None: the family's transformers model keeps one module per expert.
+    hf_fused_experts: tuple[str, str] | None = None
     # Routed expert j (``{j}``), per rank slice of the expert tensor-parallel group.  The targets name the
     # local-expert keys (``mlp.experts.local_experts.{q}.<target>``).
     expert_rows: tuple[Row, Row] = (

@@ -134,6 +134,12 @@ class DeepSeekV3(ModelSpec):
     legacy_names = LEGACY_MLA_NAMES
     config_class = DeepSeekV3Config
     architecture = "DeepseekV3ForCausalLM"
+    # spec §6.1: QLoRA quantizes the attention and MLP linears (both MLA key sets, --mla-mm-split's four
+    # matrices), the output layer and the MTP eh_proj
+    qlora_modules = ModelSpec.qlora_modules | {"linear_q_up_proj", "linear_kv_up_proj", "linear_qb", "linear_kvb",
+                                               "linear_qk_nope", "linear_qk_rope", "linear_kv_nope", "linear_v",
+                                               "eh_proj"}
+    hf_fused_experts = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
     zero_ok = frozenset({"first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"})
     limits = {"num_hidden_layers": 1024, "n_routed_experts": 8192, "num_nextn_predict_layers": 16}
 

@@ -71,6 +71,7 @@ class Qwen3Moe(ModelSpec):
     title = "Qwen3-MoE"
     model_types = ("qwen3_moe",)
     mindspeed_names = ("qwen3-moe",)
+    hf_fused_experts = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")   # transformers >= 5
     quant = FP8_BLOCK_128
     config_class = Qwen3MoeConfig
     experts_field = "num_experts"

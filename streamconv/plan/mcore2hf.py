@@ -5,6 +5,10 @@ every expected key is present with its shape (derived from the forward tables, s
 missing or mis-shaped key), nothing unexpected is present, and (``--fp8-scales-from``) the original scales
 fit.  Replicated tensors are read from one rank file; the plan can carry :class:`ReplicaCheck` s so the
 executor compares every other copy first.
+
+LoRA (spec §5, :mod:`streamconv.plan.lora`): every rank piece is merged with its factors before the inverse
+tables gather it (merge type 1: base and LoRA in one checkpoint; type 2: ``--lora-load``), NF4 base weights are
+dequantized in the graph, and ``--save-lora-to-hf`` exports the adapter alone (:mod:`.lora_export`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from ..mapping.assemble import build_hf_tensors, build_rank_tensors, output_conf
 from ..mapping.spec import ModelSpec
 from ..models import model_for_config
 from ..storage import fileio
+from .lora import Inventory, LoraOptions, MergedRanks, build_inventory
+from .lora_export import adapter_modules, export_files
 from .mcore_source import McoreSource
 from .plan import OutputFile, OutputTensor, Plan, ReplicaCheck, SourceFile
 from .sources import INDEX_NAME, HFSource
@@ -55,19 +61,24 @@ def read_record(load_dir: str) -> dict:
         raise ValidationError(f"{exc} Delete it and pass --hf-config and the layout flags.") from None
 
 
-def record_text(hf_config: dict, sizes: ParallelSizes, options: McoreOptions) -> str:
-    """The record hf2mcore writes: the HF config and the layout, so mcore2hf needs no flags for our outputs."""
-    return json.dumps({"hf_config": hf_config, "layout": {"sizes": asdict(sizes), "options": asdict(options)}},
-                      indent=2, sort_keys=True) + "\n"
+def record_text(hf_config: dict, sizes: ParallelSizes, options: McoreOptions, qlora: dict | None = None) -> str:
+    """The record hf2mcore writes: the HF config and the layout, so mcore2hf needs no flags for our outputs;
+    ``qlora``: how NF4 weights were written (``{"nf4_layout": "npu"}``)."""
+    obj = {"hf_config": hf_config, "layout": {"sizes": asdict(sizes), "options": asdict(options)}}
+    if qlora:
+        obj["qlora"] = qlora
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
 def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options: McoreOptions,
                      export: ExportOptions = ExportOptions(), *, hf_config_dir: str | None = None,
-                     iteration: str | None = None, model_type_hf: str | None = None) -> Plan:
+                     iteration: str | None = None, model_type_hf: str | None = None,
+                     lora: LoraOptions = LoraOptions()) -> Plan:
     """Compile an mcore (legacy torch format) -> HF safetensors plan.  The model family comes from the HF
-    config's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given)."""
+    config's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given).  ``lora``: merge the
+    checkpoint's LoRA (or ``--lora-load``'s) into the base, or export the adapter alone."""
     check_disjoint(save_dir, [("--load-dir", load_dir), ("--hf-config", hf_config_dir),
-                              ("--fp8-scales-from", export.fp8_scales_from)])
+                              ("--fp8-scales-from", export.fp8_scales_from), ("--lora-load", lora.load)])
     origin = _config_origin(load_dir, hf_config_dir)
     cfg_json = _hf_config(load_dir, hf_config_dir)
     spec = model_for_config(cfg_json, origin, model_type_hf=model_type_hf)
@@ -77,19 +88,36 @@ def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         raise ValidationError("--fp8-scales-from needs --fp8-export (the scales are for re-quantizing).")
     if export.fp8_export and spec.quant is None:
         raise ValidationError(f"--fp8-export: {spec.title} has no block FP8 release format; drop the flag.")
+    if lora.problems():
+        raise ValidationError(lora.problems())
+    if lora.save_to_hf and (export.fp8_export or export.max_shard_size):
+        raise ValidationError("--save-lora-to-hf writes the adapter alone; drop --fp8-export/--max-shard-size.")
     expected, replicas = _expected_layout(spec, cfg, sizes, options)
-    source_root, (prefix, scales_prefix) = common_root(load_dir, export.fp8_scales_from)
+    source_root, (prefix, lora_prefix, scales_prefix) = common_root(load_dir, lora.load, export.fp8_scales_from)
     src = McoreSource(load_dir, sizes, list(expected), iteration, prefix=prefix)
-    src.check(expected)
-    tensors = build_hf_tensors(spec, cfg, sizes, options, src)
+    lora_src = McoreSource(lora.load, sizes, list(expected), prefix=lora_prefix) if lora.load else None
+    inv = build_inventory(spec, cfg, sizes, options, expected, src, lora_src, lora)
     out_cfg, out_fields = output_config(spec, cfg, sizes, options)
+    plan_options = {"source": asdict(sizes), "model": asdict(options), "export": asdict(export),
+                    "iteration": src.iteration, "model_type": spec.name}
+    if lora != LoraOptions():
+        plan_options["lora"] = asdict(lora)
+    if lora.save_to_hf:
+        return _adapter_plan(spec, cfg, sizes, options, inv, expected, replicas, lora, source_root, save_dir,
+                             out_fields, plan_options, export.verify_replicas)
+    src.check(inv.main_expect(expected))
+    if lora_src is not None:
+        lora_src.check(inv.factor_expect(expected), others="--lora-load must be a LoRA-only checkpoint "
+                                                           "(saved with --lora-ckpt-filter) of this base.")
+    ranks = MergedRanks(inv, lora.alpha, lora.r, expected, _nf4_layout(lora, load_dir))
+    tensors = build_hf_tensors(spec, cfg, sizes, options, ranks)
 
-    source_files = list(src.files)
+    source_files = list(src.files) + (list(lora_src.files) if lora_src else [])
     if export.fp8_export:
         tensors, scale_files = _fp8_export(spec, cfg, out_cfg, sizes, options, tensors, scales_prefix,
                                            export.fp8_scales_from)
         source_files += scale_files
-    checks = _replica_checks(src, replicas, export.verify_replicas)
+    checks = _replica_checks(inv, ranks, replicas, export.verify_replicas)
 
     files = _shards(spec, out_fields, tensors, export.max_shard_size)
     weight_map = {t.name: f.path for f in files for t in f.tensors}
@@ -105,30 +133,50 @@ def plan_mcore_to_hf(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         source_files=tuple(source_files),
         target_root=save_dir,
         files=tuple(files),
-        options=json.loads(json.dumps({"source": asdict(sizes), "model": asdict(options),
-                                       "export": asdict(export), "iteration": src.iteration,
-                                       "model_type": spec.name})),
+        options=json.loads(json.dumps(plan_options)),
         checks=checks,
     )
 
 
+def _nf4_layout(lora: LoraOptions, load_dir: str) -> str:
+    """Nibble order of NF4 base weights: --nf4-layout, else what hf2mcore recorded, else the Ascend order."""
+    return lora.nf4_layout or (read_record(load_dir).get("qlora") or {}).get("nf4_layout") or "npu"
+
+
+def _adapter_plan(spec, cfg, sizes, options, inv: Inventory, expected, replicas, lora: LoraOptions,
+                  source_root: str, save_dir: str, out_fields: dict, plan_options: dict, verify: bool | None) -> Plan:
+    """--save-lora-to-hf: the adapter's files, reading only the LoRA factors."""
+    inv.lora.check(inv.factor_expect(expected), extras=False)
+    modules, checks = adapter_modules(spec, cfg, sizes, options, inv)
+    num_layers = out_fields["num_hidden_layers"] + options.mtp_num_layers
+    files = export_files(spec, modules, lora, inv.targets, num_layers)
+    if verify is not False:
+        checks += _factor_checks(inv, replicas)
+    return Plan(kind="mcore2hf", source_root=source_root, source_files=tuple(inv.lora.files), target_root=save_dir,
+                files=tuple(files), options=json.loads(json.dumps(plan_options)), checks=tuple(checks))
+
+
 # --- config --------------------------------------------------------------------------------------------------------
 
-def common_root(load_dir: str, other: str | None) -> tuple[str, tuple[str, str]]:
-    """The plan's source root when a plan reads a second directory, and each directory's prefix under it: every
-    source file is then named relative to one root (the rule of :mod:`streamconv.plan.trust`).  Without a
-    second directory the root is ``load_dir`` as given, so a plan made with relative paths runs anywhere."""
-    if not other:
-        return load_dir, ("", "")
-    a, b = os.path.abspath(load_dir), os.path.abspath(other)
-    common = os.path.commonpath([a, b])
+def common_root(load_dir: str, *others: str | None) -> tuple[str, tuple[str, ...]]:
+    """The plan's source root when a plan reads other directories too (``--lora-load``, ``--fp8-scales-from``),
+    and each directory's prefix under it (``load_dir`` first; "" for an absent one): every source file is then
+    named relative to one root (the rule of :mod:`streamconv.plan.trust`).  Without another directory the root is
+    ``load_dir`` as given, so a plan made with relative paths runs anywhere."""
+    present = [os.path.abspath(p) for p in others if p]
+    if not present:
+        return load_dir, ("",) * (1 + len(others))
+    a = os.path.abspath(load_dir)
+    common = os.path.commonpath([a] + present)
 
-    def prefix(p: str) -> str:
-        rel = os.path.relpath(p, common)
+    def prefix(p: str | None) -> str:
+        if not p:
+            return ""
+        rel = os.path.relpath(os.path.abspath(p), common)
         return "" if rel == "." else rel.replace(os.sep, "/") + "/"
 
     root = common if os.path.isabs(load_dir) else os.path.relpath(common)
-    return root, (prefix(a), prefix(b))
+    return root, tuple(prefix(p) for p in (load_dir,) + others)
 
 
 def _config_origin(load_dir: str, hf_config_dir: str | None) -> str:
@@ -208,16 +256,33 @@ def _expected_layout(spec: ModelSpec, cfg, sizes, options):
     return expected, [c for c in copies.values() if len(c) > 1]
 
 
-def _replica_checks(src: McoreSource, replicas, verify: bool | None) -> tuple[ReplicaCheck, ...]:
-    extra = sum(src.tensors[r][(g, n)].nbytes for copies in replicas for r, g, n in copies[1:])
+def _replica_checks(inv: Inventory, ranks: MergedRanks, replicas, verify: bool | None) -> tuple[ReplicaCheck, ...]:
+    """Copies of replicated base weights (as stored: NF4 codes, type-1 base_layer), and of their LoRA factors."""
+    src = inv.main
+    extra = sum(ranks.stored(r, g, n).nbytes for copies in replicas for r, g, n in copies[1:])
     if verify is None:
         verify = extra <= AUTO_VERIFY_BYTES
     if not verify:
         return ()
-    return tuple(ReplicaCheck(f"{copies[0][1]}.{copies[0][2]}", tuple(src.get(r, g, n) for r, g, n in copies),
-                              tuple(src.rel(r) + (f" [{g}.{n}]" if (g, n) != copies[0][1:] else "")
-                                    for r, g, n in copies))
-                 for copies in replicas)
+    checks = [ReplicaCheck(f"{copies[0][1]}.{copies[0][2]}", tuple(ranks.stored(r, g, n) for r, g, n in copies),
+                           tuple(src.rel(r) + (f" [{g}.{n}]" if (g, n) != copies[0][1:] else "")
+                                 for r, g, n in copies))
+              for copies in replicas]
+    return tuple(checks + _factor_checks(inv, replicas))
+
+
+def _factor_checks(inv: Inventory, replicas) -> list[ReplicaCheck]:
+    """Copies of a replicated base piece carry copies of its LoRA factors: compare them too."""
+    out = []
+    for copies in replicas:
+        mods = [inv.modules[r].get((g, n)) for r, g, n in copies]
+        if not all(mods):
+            continue
+        for side in ("a", "b"):
+            nodes = tuple(inv.lora.get(r, g, getattr(m, side)) for (r, g, _), m in zip(copies, mods))
+            where = tuple(f"{inv.lora.rel(r)} [{g}.{getattr(m, side)}]" for (r, g, _), m in zip(copies, mods))
+            out.append(ReplicaCheck(f"{copies[0][1]}.{getattr(mods[0], side)}", nodes, where))
+    return out
 
 
 # --- FP8 export --------------------------------------------------------------------------------------------------------

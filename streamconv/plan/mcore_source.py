@@ -9,6 +9,7 @@ files and keys exist is decided by the caller (the planner derives it from the m
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from ..errors import FormatError, ValidationError
 from ..graph.node import Node, read
@@ -20,6 +21,16 @@ from .plan import SourceFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What one key of a rank file must be: its shape, and the dtypes it may have (float weights by default;
+    the uint8 entries of an NF4-quantized weight say so)."""
+
+    shape: tuple[int, ...]
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
 
 
 def iteration_dir(root: str, iteration: str | None = None) -> str:
@@ -82,6 +93,9 @@ class McoreSource:
     def local(self, r: RankFile) -> str:
         return f"{self.iteration}/{rank_dir(r, self.sizes)}/{RANK_FILE}"
 
+    def path(self, r: RankFile) -> str:
+        return self.paths.get(r) or os.path.join(self.root, *self.local(r).split("/"))
+
     def _load(self, ranks: list[RankFile]) -> None:
         it_path = os.path.join(self.root, self.iteration)
         if not os.path.isdir(it_path):
@@ -96,7 +110,7 @@ class McoreSource:
                             f"{' ...' if len(strays) > 4 else ''}). Pass the --source-tensor/pipeline/expert-"
                             f"parallel-size (and layout flags) the checkpoint was trained with.")
         for r in ranks:
-            path = os.path.join(self.root, *self.local(r).split("/"))
+            path = self.path(r)
             if not os.path.isfile(path):
                 problems.append(f"{path}: not a regular file (a directory, FIFO or device); expected a rank file."
                                 if os.path.lexists(path) else
@@ -114,14 +128,17 @@ class McoreSource:
         if problems:
             raise ValidationError(problems)
 
-    def check(self, expected: dict[RankFile, dict[tuple[str, str], tuple[int, ...]]]) -> None:
-        """Every expected ``(group, name)`` present with its shape, row-major and a float dtype, and nothing
-        else in the model groups.  Raises once, listing every problem."""
+    def check(self, expected: dict[RankFile, dict[tuple[str, str], tuple[int, ...] | Expect]], *,
+              others: str | None = None, extras: bool = True) -> None:
+        """Every expected ``(group, name)`` present with its shape (a bare shape, or an :class:`Expect`), row-major
+        and one of its dtypes (float by default), and (``extras``) nothing else in the model groups (``others``:
+        a sentence that replaces the default hint for unexpected keys).  Raises once, listing every problem."""
         problems = []
         for r, want in expected.items():
             have = self.tensors.get(r, {})
             path = self.paths.get(r, self.rel(r))
-            for (group, name), shape in want.items():
+            for (group, name), spec in want.items():
+                shape, dtypes = (spec.shape, spec.dtypes) if isinstance(spec, Expect) else (spec, FLOAT_DTYPES)
                 ref = have.get((group, name))
                 if ref is None:
                     problems.append(f"{path}: {group}.{name} missing. The layout flags (--moe-grouped-gemm, "
@@ -129,16 +146,17 @@ class McoreSource:
                 elif tuple(ref.shape) != tuple(shape):
                     problems.append(f"{path}: {group}.{name} has shape {list(ref.shape)} (expected {list(shape)}). "
                                     f"Check the parallel sizes and --hf-config.")
-                elif ref.dtype not in ("bfloat16", "float16", "float32"):
-                    problems.append(f"{path}: {group}.{name} has dtype {ref.dtype}; expected bfloat16, float16 or "
-                                    f"float32 weights.")
+                elif ref.dtype not in dtypes:
+                    problems.append(f"{path}: {group}.{name} has dtype {ref.dtype}; expected "
+                                    f"{' or '.join(dtypes)}.")
                 elif not ref.row_major:
                     problems.append(f"{path}: {group}.{name} is stored with strides {list(ref.stride)} (not row-"
                                     f"major). Re-save the checkpoint with contiguous tensors.")
-            extra = sorted(k for k in have if k not in want and not k[1].endswith("._extra_state"))
+            extra = sorted(k for k in have if extras and k not in want and not k[1].endswith("._extra_state"))
             for group, name in extra[:5]:
-                problems.append(f"{path}: {group}.{name} is not part of the layout the flags describe. Pass the "
-                                f"training flags (LoRA checkpoints are not supported yet).")
+                problems.append(f"{path}: {group}.{name} is not part of the layout the flags describe. "
+                                + (others or "Pass the training flags (layout, --mtp-num-layers, --lora-r/--lora-alpha "
+                                             "for a LoRA checkpoint)."))
             if len(extra) > 5:
                 problems.append(f"{path}: ... and {len(extra) - 5} more unexpected tensors.")
         if problems:
@@ -147,4 +165,12 @@ class McoreSource:
     def get(self, rank: RankFile, group: str, name: str) -> Node:
         ref = self.tensors[rank][(group, name)]
         return read(self.rel(rank), f"{group}.{name}", ref.dtype, ref.shape, offset=ref.offset)
+
+    def has(self, rank: RankFile, group: str, name: str) -> bool:
+        return (group, name) in self.tensors.get(rank, {})
+
+    def read_bytes(self, rank: RankFile, group: str, name: str) -> bytes:
+        """A small tensor's bytes, read now (the planner reads NF4 quant-state JSON to check it)."""
+        ref = self.tensors[rank][(group, name)]
+        return fileio.read_range(self.path(rank), ref.offset, ref.nbytes).tobytes()
 

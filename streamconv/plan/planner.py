@@ -19,6 +19,7 @@ from ..mapping.spec import ModelSpec
 from ..models import model_for_config
 from .mcore2hf import RECORD, record_text
 from .plan import Dropped, OutputFile, OutputTensor, Plan
+from .qlora import quantize_ranks
 from .sources import HFSource
 from .trust import check_disjoint
 
@@ -29,7 +30,8 @@ FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options: McoreOptions = McoreOptions(),
-                     *, model_type_hf: str | None = None, save_args: bool = False, ranks=None) -> Plan:
+                     *, model_type_hf: str | None = None, save_args: bool = False, ranks=None,
+                     qlora_nf4: str | None = None) -> Plan:
     """Compile an HF checkpoint -> MindSpeed mcore (legacy torch format) conversion plan.  The model family
     comes from config.json's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given).
 
@@ -39,7 +41,10 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     ``ranks``: plan only these rank files (a collection of :class:`~streamconv.layout.parallel.RankFile`; the
     training-time loader asks for its own).  Every check runs as for the whole plan except source coverage,
     which is a property of all ranks together; the partial plan has no tracker and no record, so running it
-    can never leave a directory that looks like a complete checkpoint.  ``options["ranks"]`` lists them."""
+    can never leave a directory that looks like a complete checkpoint.  ``options["ranks"]`` lists them.
+
+    ``qlora_nf4``: store QLoRA's weights in bitsandbytes NF4 with this nibble order (``"npu"`` or ``"cuda"``;
+    :mod:`streamconv.plan.qlora`)."""
     if ranks is None:  # a partial plan is the loader's, held in memory (running one is still audited for overlap)
         check_disjoint(save_dir, [("--load-dir", load_dir)])
     src = HFSource(load_dir)
@@ -50,6 +55,8 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     src.quant = spec.quant
     check_source_against_config(src, spec, cfg)
     per_rank = build_rank_tensors(spec, cfg, sizes, options, src, ranks)  # validates flags against the model first
+    if qlora_nf4 is not None:
+        per_rank = quantize_ranks(spec, per_rank, qlora_nf4)
     p = placement(spec, cfg, sizes, options)
     groups = p.layout.groups()
     attrs: tuple = (("checkpoint_version", 3.0), ("iteration", ITERATION))
@@ -73,11 +80,13 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
                     for pos, t in enumerate(tensors))
         _check_unique(path, out)
         files.append(OutputFile(path, "megatron_pt", out, attrs=attrs, groups=groups))
+    qlora = {"nf4_layout": qlora_nf4} if qlora_nf4 is not None else None
     if ranks is None:
         # The HF config and the layout, so that mcore -> HF needs neither --hf-config nor the layout flags.
-        files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options)))
+        files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options, qlora)))
         files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
-    planned = {"target": asdict(sizes), "model": asdict(options), "model_type": spec.name}
+    planned = {"target": asdict(sizes), "model": asdict(options), "model_type": spec.name,
+               **({"qlora_nf4": qlora_nf4} if qlora_nf4 is not None else {})}
     if ranks is not None:
         planned["ranks"] = sorted([r.tp_rank, r.pp_rank, r.ep_rank] for r in per_rank)
 

@@ -48,3 +48,22 @@ def test_mcore2hf_benchmark_smoke(tmp_path, monkeypatch):
     # the baseline's save_file orders and pads headers its own way: the same tensors, a few header bytes apart
     assert abs(runs["naive"]["output_bytes"] - runs["streamconv"]["output_bytes"]) < 64 * 10
     assert all(r["seconds"] > 0 and r["peak_rss_bytes"] for r in runs.values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /usr/bin/time or getrusage")
+def test_lora_benchmark_smoke(tmp_path, monkeypatch):
+    """The LoRA benchmark's three runs (merge, plain, adapter export) report their figures."""
+    from benchmarks import common
+    from benchmarks import lora as bench
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(common, "drop_caches", lambda: False)
+    monkeypatch.setattr(bench, "drop_caches", lambda: False)
+    assert bench.main(["--smoke", "--work-dir", str(tmp_path), "--rank", "8"]) == 0
+    with open(tmp_path / "lora-smoke.json") as f:
+        res = json.load(f)
+    assert set(res["runs"]) == {"merge", "plain", "export"}
+    assert res["runs"]["merge"]["output_bytes"] == res["runs"]["plain"]["output_bytes"] > 0
+    assert 0 < res["runs"]["export"]["output_bytes"] < res["adapter_bytes"]
+    assert all(r["seconds"] > 0 and r["peak_rss_bytes"] for r in res["runs"].values())
