@@ -87,7 +87,13 @@ def test_a_second_run_fails_at_once_naming_the_holder(world, tmp_path, cli, clea
     lock = os.path.join(out, ".streamconv.lock")
     tried = 0
     try:
-        for reached in (lambda: os.path.exists(lock), lambda: journaled(out) >= 1, lambda: journaled(out) >= 3):
+        def holds():  # the holder writes its pid once it holds the lock (the file alone may precede the flock)
+            try:
+                return open(lock).read().strip() == str(holder.pid)
+            except FileNotFoundError:
+                return False
+
+        for reached in (holds, lambda: journaled(out) >= 1, lambda: journaled(out) >= 3):
             wait_for(reached)
             start = time.monotonic()
             code, err = cli("run", plan, "--no-progress")
