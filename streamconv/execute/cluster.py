@@ -46,7 +46,9 @@ from . import journal
 
 log = logging.getLogger(__name__)
 
-_TOKEN = re.compile(r"\.[0-9a-f]{32}(?:\.partial)?$")
+WAIT_FOR_WORKERS = 60   # seconds a run waits for a first worker before giving up
+
+TOKEN = re.compile(r"\.[0-9a-f]{32}(?:\.partial)?$")   # the suffix of an attempt file
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def remove_attempts(plan: Plan, files: list[int] | None = None) -> list[str]:
         except (FileNotFoundError, NotADirectoryError):
             continue
         for name in names:
-            m = _TOKEN.search(name)
+            m = TOKEN.search(name)
             if not m or name[:m.start()] not in bases:
                 continue
             rel = f"{d}/{name}" if d else name
@@ -140,6 +142,12 @@ def run_groups(client, plan: Plan, opts, *, skip: frozenset[str], journal_name: 
     renamed into place.  Raises one :class:`ExecutionError` (or the task's own error) on failure."""
     from distributed import as_completed
 
+    if not client.nthreads():
+        try:
+            client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS)
+        except (TimeoutError, OSError):
+            raise ExecutionError(f"cluster: no worker joined the scheduler in {WAIT_FOR_WORKERS} s. Start workers with "
+                                 f"`dask worker ADDRESS` (see docs/distributed.md), then run again.") from None
     slots = max(1, sum(client.nthreads().values()))
     groups = group_files(plan, slots, skip=skip)
     run_id = secrets.token_hex(4)

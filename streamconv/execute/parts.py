@@ -91,6 +91,7 @@ def collect(plan: Plan) -> dict[str, dict]:
 
 def stale_outputs(plan: Plan) -> list[str]:
     """Checkpoint files in the save dir that the plan does not write (relative paths, sorted)."""
+    from .cluster import TOKEN
     from .executor import _CHECKPOINT_FILES
 
     root = plan.target_root
@@ -100,6 +101,9 @@ def stale_outputs(plan: Plan) -> list[str]:
         rel_dir = os.path.relpath(dirpath, root)
         for name in filenames:
             rel = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
+            m = TOKEN.search(rel)
+            if m and rel[:m.start()] in ours:
+                continue   # an attempt file of a cluster run, removed under the lock
             if rel not in ours and _CHECKPOINT_FILES.match(rel) and not name.endswith(".partial"):
                 out.append(rel)
     return sorted(out)
