@@ -182,8 +182,9 @@ def group_files(plan: Plan, n: int = 1, *, skip: frozenset[str] = frozenset(),
     share = sum(size.values()) / n
     caps = [max_bytes] if max_bytes is not None else sorted({math.ceil(m * share) for m in CAPS})
     best, best_key = None, None
+    reads: dict[tuple[int, ...], int] = {}   # members -> distinct bytes read (caps often give the same groups)
     for cap in caps:
-        groups = _kruskal(files, size, extents, edges, max(cap, max(size.values())))
+        groups = _kruskal(files, size, extents, edges, max(cap, max(size.values())), reads)
         loads = [sum(g.cost for g in b) for b in pack(groups, n)]
         key = (max(loads), sum(g.read_bytes for g in groups), len(groups))
         if best_key is None or key < best_key:
@@ -191,7 +192,8 @@ def group_files(plan: Plan, n: int = 1, *, skip: frozenset[str] = frozenset(),
     return best
 
 
-def _kruskal(files: list[int], size: dict[int, int], extents: dict[int, Extents], edges, cap: int) -> list[Group]:
+def _kruskal(files: list[int], size: dict[int, int], extents: dict[int, Extents], edges, cap: int,
+             reads: dict[tuple[int, ...], int]) -> list[Group]:
     parent = {fi: fi for fi in files}
     total = dict(size)
 
@@ -210,8 +212,11 @@ def _kruskal(files: list[int], size: dict[int, int], extents: dict[int, Extents]
     members: dict[int, list[int]] = {}
     for fi in files:
         members.setdefault(find(fi), []).append(fi)
-    groups = [Group(tuple(m), sum(size[fi] for fi in m), extent_bytes(union([extents[fi] for fi in m])))
-              for m in members.values()]
+    groups = []
+    for m in map(tuple, members.values()):
+        if m not in reads:
+            reads[m] = extent_bytes(union([extents[fi] for fi in m]))
+        groups.append(Group(m, sum(size[fi] for fi in m), reads[m]))
     return sorted(groups, key=lambda g: (-g.cost, g.files))
 
 
@@ -273,10 +278,10 @@ def split_plan(plan: Plan, n: int) -> list[Plan]:
 
 
 def _reading_part(part_ext: list[Extents], node) -> int:
-    spans = [_read_span(n.arg) for n in toposort([node]) if n.op is Op.READ]
-    files = [n.arg.file for n in toposort([node]) if n.op is Op.READ]
+    """The first part whose reads overlap those of ``node`` (part 0 when none does)."""
+    reads = [(n.arg.file, _read_span(n.arg)) for n in toposort([node]) if n.op is Op.READ]
     for k, ext in enumerate(part_ext):
-        for name, (s, e) in zip(files, spans):
+        for name, (s, e) in reads:
             if any(a < e and s < b for a, b in ext.get(name, ())):
                 return k
     return 0

@@ -16,6 +16,9 @@ import io
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -31,7 +34,7 @@ from streamconv.layout.parallel import ParallelSizes
 from streamconv.plan.mcore2hf import plan_mcore_to_hf
 from streamconv.plan.plan import Plan
 from streamconv.plan.planner import plan_hf_to_mcore
-from tests.e2e.cluster import DASK, Cluster, netns_unavailable
+from tests.e2e.cluster import DASK, ROOT, Cluster, netns_unavailable
 
 pytestmark = pytest.mark.skipif(not os.path.exists(DASK), reason=f"no dask command at {DASK}")
 
@@ -272,6 +275,29 @@ def test_scheduler_killed_then_the_same_command_resumes(world, cluster, tmp_path
     # resumed, not redone: files journaled before the loss are the same inodes
     assert all(os.stat(os.path.join(out, rel)).st_ino == ino for rel, ino in kept.items())
     assert attempt_files(out) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["writing", "finished"])
+def test_client_killed_then_the_same_command_resumes(world, cluster, tmp_path, point):
+    """The client (``streamconv run``, which renames and journals) SIGKILLed mid-run: tasks still running on
+    the workers finish into attempt files nobody renames; the same command resumes to identical output."""
+    out = str(tmp_path / "mcore")
+    path = hf2mcore_plan(world, out)
+    argv = ["run", path, "--scheduler", cluster.address, "--no-progress", "--max-memory", "8MiB"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "streamconv", *argv], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not POINTS[point](out):
+        time.sleep(0.002)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "the client finished before it could be killed"
+    rc, err = cli(argv)
+    assert rc == 0, err
+    assert_same_tree(out, world["mcore"])
+    assert attempt_files(out) == []
+    cluster.wait_for_workers(2)
 
 
 @pytest.mark.slow

@@ -74,6 +74,8 @@ def test_parts_then_finish_equal_the_single_process_run(tiny_hf, tmp_path, refer
     for p in parts[1:]:
         assert cli("run", p, "--no-progress")[0] == 0
     assert not os.path.exists(os.path.join(out, TRACKER))   # parts never write the tracker
+    rc, err = cli("verify", out)
+    assert rc == 1   # incomplete until --finish merges the parts' journals
     rc, err = cli("run", plan_path, "--finish")
     assert rc == 2 and f"part 0 of {hosts}" in err, err      # part 0 has not run: nothing is finished
     assert not os.path.exists(os.path.join(out, TRACKER))
