@@ -56,8 +56,13 @@ def split_summary(plan: Plan, parts: list[Plan]) -> str:
         reads.append(read)
         rows.append((k, len(p.files), human(written), human(read), len(p.checks)))
     ideal = ideal_read_bytes(plan)
-    return "\n".join([f"split of {plan.kind} plan into {len(parts)} parts ({plan.target_root})",
-                      table(rows, ("part", "files", "writes", "reads", "replica checks")),
-                      f"imbalance (max/mean of bytes moved): {imbalance(loads):.2f}; source bytes read by all parts: "
-                      f"{human(sum(reads))}, {sum(reads) / max(ideal, 1):.2f}x the plan's ideal ({human(ideal)}, "
-                      f"each byte once); text files are written by `run PLAN --finish`"])
+    out = [f"split of {plan.kind} plan into {len(parts)} parts ({plan.target_root})",
+           table(rows, ("part", "files", "writes", "reads", "replica checks")),
+           f"imbalance (max/mean of bytes moved): {imbalance(loads):.2f}; source bytes read by all parts: "
+           f"{human(sum(reads))}, {sum(reads) / max(ideal, 1):.2f}x the plan's ideal ({human(ideal)}, "
+           f"each byte once); text files are written by `run PLAN --finish`"]
+    idle = [k for k, p in enumerate(parts) if not p.files]
+    if idle:
+        out.append(f"{len(idle)} part(s) have no file to write (a file is never split between hosts, and this plan "
+                   f"has {sum(len(p.files) for p in parts)} tensor files): fewer hosts would do.")
+    return "\n".join(out)
