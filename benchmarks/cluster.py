@@ -6,9 +6,10 @@ projection of the 671B FP8 conversion on N hosts from the measured per-GB rates.
                                  [--host-read-gbs 3.0] [--host-write-gbs 2.0]
 
 Each scenario drops the page cache first (root).  Cluster runs use ``dask scheduler`` and ``dask worker
---nworkers 1 --nthreads 1`` processes started from the command line (tests/e2e/cluster.py); the client is ``streamconv run PLAN --scheduler ADDRESS`` under ``/usr/bin/time -v``.
-A first untimed run warms the workers up.  Per worker: bytes read (``rchar`` and ``read_bytes`` of /proc/PID/io, whole process trees) against the plan's
-ideal (each distinct source byte once), and peak RSS (``VmHWM`` of the worker process).
+--nworkers 1 --nthreads 1`` processes started from the command line (tests/e2e/cluster.py); the client is
+``streamconv run PLAN --scheduler ADDRESS`` under ``/usr/bin/time -v``.  A first untimed run warms the workers
+up.  Per worker: bytes read (``rchar`` and ``read_bytes`` of /proc/PID/io, whole process trees) against the
+plan's ideal (each distinct source byte once), and peak RSS (``VmHWM`` of the worker process).
 
 The projection (``project``) plans the real 671B layout from a headers-only checkpoint, groups and packs it for
 N hosts exactly as ``plan split`` does, and takes for each host ``max(cpu, io)`` where

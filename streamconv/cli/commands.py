@@ -133,8 +133,9 @@ def cmd_split(args) -> int:
     for p in parts:
         p.save(os.path.join(args.output, f"{part_name(p)}.json"))
     print(report.split_summary(plan, parts))
-    print(f"{len(parts)} sub-plans saved to {args.output}: run `streamconv run {args.output}/{part_name(parts[0])}.json` "
-          f"on host 0, and so on; then `streamconv run {args.plan} --finish` on one host")
+    first = os.path.join(args.output, f"{part_name(parts[0])}.json")
+    print(f"{len(parts)} sub-plans saved to {args.output}: run `streamconv run {first}` on host 0, and so on; then "
+          f"`streamconv run {args.plan} --finish` on one host")
     return 0
 
 

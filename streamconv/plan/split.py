@@ -9,8 +9,8 @@ Two consumers, one rule:
 
 A group is read-once by construction: output files whose graphs read the same source bytes (the TP ranks of a
 row-parallel weight, the EP ranks that all hold a stage's attention) are merged, heaviest sharing first, as long
-as the group stays under a cap of output bytes (several caps are tried; see :func:`group_files`).  Within a group the executor shares reads between files, so
-a source byte read by several ranks of a group is read once.  Bytes shared by two groups are read by both:
+as the group stays under a cap of output bytes (several caps are tried; see :func:`group_files`).  Within a
+group the executor shares reads between files, so a source byte read by several ranks of a group is read once.  Bytes shared by two groups are read by both:
 :func:`read_report` counts them against the plan's ideal (each distinct source byte read once).
 
 Only tensor files are grouped: text files (config, tracker, index) are written last by the process that holds

@@ -68,7 +68,8 @@ def test_remove_attempts_keeps_planned_outputs_and_other_names(hf, tmp_path):
              base + ".0123": False, os.path.join(os.path.dirname(base), f"other.pt.{TOKEN}"): False}
     for p in names:
         open(p, "wb").close()
-    planned_twin = dataclasses.replace(plan, files=plan.files + (dataclasses.replace(plan.files[0], path=rel + f".{TOKEN}"),))
+    twin = dataclasses.replace(plan.files[0], path=rel + f".{TOKEN}")
+    planned_twin = dataclasses.replace(plan, files=plan.files + (twin,))
     assert cluster.remove_attempts(planned_twin) == [base + f".{TOKEN}.partial"]   # a planned output stays
     assert sorted(cluster.remove_attempts(plan)) == [base + f".{TOKEN}"]
     assert {p: os.path.exists(p) for p in names} == {p: not removed for p, removed in names.items()}
