@@ -42,6 +42,8 @@ def run_measured(cmd: list[str], *, env: dict | None = None) -> dict:
         fs_out = re.search(r"File system outputs: (\d+)", proc.stderr)
         io = {"disk_read_bytes": int(fs_in.group(1)) * 512 if fs_in else None,
               "disk_write_bytes": int(fs_out.group(1)) * 512 if fs_out else None}
+        cpu = [re.search(rf"{what} time \(seconds\): ([0-9.]+)", proc.stderr) for what in ("User", "System")]
+        io["cpu_seconds"] = sum(float(m.group(1)) for m in cpu) if all(cpu) else None
     else:
         import resource
 
@@ -50,7 +52,7 @@ def run_measured(cmd: list[str], *, env: dict | None = None) -> dict:
         wall = time.monotonic() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         rss = after * 1024 if after > before else None  # an upper bound across children
-        io = {"disk_read_bytes": None, "disk_write_bytes": None}
+        io = {"disk_read_bytes": None, "disk_write_bytes": None, "cpu_seconds": None}
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return {"seconds": wall, "peak_rss_bytes": rss, **io, "stdout": proc.stdout[-2000:]}

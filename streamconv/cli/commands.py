@@ -22,10 +22,19 @@ def register(sub) -> None:
     m.add_argument("--output", "-o", required=True, help="where to save the plan JSON")
     m.add_argument("--dry-run", action="store_true", help="print the plan's summary; do not save it")
     m.set_defaults(func=cmd_plan)
+    sp = psub.add_parser("split", help="cut a saved plan into N sub-plans, one per host (no scheduler needed)")
+    sp.add_argument("plan", help="plan JSON written by `streamconv plan`")
+    sp.add_argument("--hosts", type=int, required=True, metavar="N", help="number of parts (hosts)")
+    sp.add_argument("--output", "-o", required=True, metavar="DIR",
+                    help="directory the sub-plans are written to (part-K-of-N.json)")
+    sp.set_defaults(func=cmd_split)
 
     r = sub.add_parser("run", help="execute a saved plan")
-    r.add_argument("plan", help="plan JSON written by `streamconv plan`")
+    r.add_argument("plan", help="plan JSON written by `streamconv plan` (or a part written by `plan split`)")
     common.add_run_flags(r)
+    r.add_argument("--finish", action="store_true",
+                   help="after every part of `plan split` ran: check that each file of PLAN is journaled and "
+                        "complete, then write the tracker and index files")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("convert", help="plan and run in one step")
@@ -87,17 +96,53 @@ def _execute(plan: Plan, args, plan_output: str | None = None) -> int:
             print(f"plan saved to {plan_output}")
         print("dry run: checks passed, nothing written")
         return 0
-    result = run_plan(plan, opts, accepted=(lambda: plan.save(plan_output)) if plan_output else None)
+    finish = getattr(args, "finish", False)
+    result = run_plan(plan, opts, accepted=(lambda: plan.save(plan_output)) if plan_output else None, finish=finish)
     if result.removed:
         print(f"--overwrite: removed {len(result.removed)} file(s) of an earlier checkpoint "
               f"({', '.join(result.removed[:4])}{' ...' if len(result.removed) > 4 else ''})")
+    if finish:
+        print(f"finished {plan.target_root}: every file of the plan is journaled and complete; wrote "
+              f"{result.files} text file(s)")
+        return 0
+    if result.cluster is not None and result.cluster.by_worker:
+        c = result.cluster
+        print(f"cluster: {c.groups} task(s) on {len(c.by_worker)} worker(s); bytes written per worker "
+              f"{', '.join(report.human(b) for _, b in c.by_worker)} (imbalance max/mean {c.imbalance:.2f})")
     print(f"wrote {result.files} files, {report.human(result.bytes_written)} to {plan.target_root} "
           f"in {result.seconds:.1f} s ({report.human(int(result.bytes_written / max(result.seconds, 1e-9)))}/s)")
     return 0
 
 
 def cmd_run(args) -> int:
+    if args.finish and args.dry_run:
+        raise StreamconvError("--finish and --dry-run: pick one.")
     return _execute(Plan.load(args.plan), args)
+
+
+def cmd_split(args) -> int:
+    from ..plan.split import split_plan
+
+    if args.hosts < 1:
+        raise StreamconvError(f"--hosts {args.hosts}: give at least 1.")
+    plan = Plan.load(args.plan)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise StreamconvError(f"--output {args.output}: exists and is not a directory.")
+    parts = split_plan(plan, args.hosts)
+    os.makedirs(args.output, exist_ok=True)
+    for p in parts:
+        p.save(os.path.join(args.output, f"{part_name(p)}.json"))
+    print(report.split_summary(plan, parts))
+    first = os.path.join(args.output, f"{part_name(parts[0])}.json")
+    print(f"{len(parts)} sub-plans saved to {args.output}: run `streamconv run {first}` on host 0, and so on; then "
+          f"`streamconv run {args.plan} --finish` on one host")
+    return 0
+
+
+def part_name(p: Plan) -> str:
+    from ..plan.split import part_of
+
+    return part_of(p).tag
 
 
 def cmd_convert(args) -> int:

@@ -134,8 +134,11 @@ def add_layout_flags(p: argparse.ArgumentParser, recorded: bool = False) -> None
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=parse_size, default="1GiB",
-                   help="bound on bytes in flight (default 1GiB); peak RSS is about this plus ~0.4 GB")
-    p.add_argument("--workers", type=int, default=2, help="threads of the local scheduler (default 2)")
+                   help="bound on bytes in flight (default 1GiB); peak RSS is about this plus ~0.4 GB; with "
+                        "--scheduler, per task (a worker runs one task per thread)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads of the local scheduler (default 2); with --scheduler, threads of each task on a "
+                        "worker")
     p.add_argument("--scheduler", default="threads",
                    help="'threads' (default), 'sync' (one thread, for debugging) or a dask.distributed "
                         "scheduler address such as tcp://host:8786")

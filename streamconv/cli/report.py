@@ -42,3 +42,27 @@ def plan_summary(plan: Plan, *, tensors: bool = False) -> str:
         out.append(f"\ndropped source tensors ({len(plan.dropped)}):")
         out += [f"  {d.name}: {d.reason}" for d in plan.dropped]
     return "\n".join(out)
+
+
+def split_summary(plan: Plan, parts: list[Plan]) -> str:
+    """One row per part of a split plan: files, bytes written, source bytes read; imbalance and read-once."""
+    from ..plan.split import ideal_read_bytes, imbalance, read_extents, extent_bytes, union
+
+    rows, loads, reads = [], [], []
+    for k, p in enumerate(parts):
+        read = extent_bytes(union(list(read_extents(p).values())))
+        written = sum(f.nbytes for f in p.files)
+        loads.append(written + read)
+        reads.append(read)
+        rows.append((k, len(p.files), human(written), human(read), len(p.checks)))
+    ideal = ideal_read_bytes(plan)
+    out = [f"split of {plan.kind} plan into {len(parts)} parts ({plan.target_root})",
+           table(rows, ("part", "files", "writes", "reads", "replica checks")),
+           f"imbalance (max/mean of bytes moved): {imbalance(loads):.2f}; source bytes read by all parts: "
+           f"{human(sum(reads))}, {sum(reads) / max(ideal, 1):.2f}x the plan's ideal ({human(ideal)}, "
+           f"each byte once); text files are written by `run PLAN --finish`"]
+    idle = [k for k, p in enumerate(parts) if not p.files]
+    if idle:
+        out.append(f"{len(idle)} part(s) have no file to write (a file is never split between hosts, and this plan "
+                   f"has {sum(len(p.files) for p in parts)} tensor files): fewer hosts would do.")
+    return "\n".join(out)

@@ -16,6 +16,11 @@ raw (a dict of tasks, as dask's spec describes), keyed by content:
 Every file goes through its storage format's steps (:class:`streamconv.storage.base.TensorFormat`); tasks
 carry the format's name, not the object, and look it up in the registry on whichever worker runs them.
 
+On a dask.distributed cluster (``--scheduler ADDRESS``) this graph runs inside coarse tasks, one per group of
+files, each on one worker (:mod:`streamconv.execute.cluster`).  The parts of a split plan
+(:mod:`streamconv.plan.split`) run here as ordinary plans, each with its own journal and lock;
+``run_plan(..., finish=True)`` checks and completes the whole.
+
 Memory is bounded in the graph itself, so it holds on any scheduler: pieces are grouped, in the plan's write
 order, into waves of at most ~``max_memory / 3`` bytes, and every read first needed by wave w also depends
 on barrier w-2, which completes when every write of waves <= w-2 is done.  At most two waves (plus one piece
@@ -25,6 +30,7 @@ any order, so no task ever gathers a whole file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -39,16 +45,17 @@ from ..errors import ExecutionError, StreamconvError, ValidationError
 from ..graph.node import Node, Op, toposort
 from ..graph.rewrite import narrow, push_slices
 from ..plan.plan import OutputFile, Plan
+from ..plan.split import PartInfo, part_of, tensor_files
 from ..plan.trust import audit
 from ..storage import fileio
 from ..storage.pieces import file_crc32
 from ..storage.registry import get_format
 from ..storage.lock import NAME as LOCK_NAME
-from ..storage.lock import lock_for_dir
+from ..storage.lock import TargetLock, lock_for_dir
 from . import copy as fastcopy
 from . import journal
 from .formats import format_of, layout_of
-from .kernels import materialize, run_node
+from .kernels import run_node
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -83,6 +90,7 @@ class RunResult:
     bytes_written: int
     seconds: float
     removed: tuple[str, ...] = ()   # --overwrite: files of an earlier checkpoint removed first
+    cluster: object = None          # a dask.distributed run: its ClusterReport (groups, bytes per worker)
 
 
 # --- preflight -------------------------------------------------------------------------------------------------
@@ -114,16 +122,34 @@ def _contents(root: str) -> list[str]:
     return [n for n in os.listdir(root) if n != LOCK_NAME]
 
 
-def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None) -> None:
+def preflight(plan: Plan, opts: RunOptions, done: dict[str, dict] | None = None, *,
+              part: PartInfo | None = None) -> None:
     """Every check that can fail before a byte is written: sources unchanged, target usable, space enough.
 
-    ``done``: files a previous run of this plan completed (resume); None when there is nothing to resume."""
+    ``done``: files a previous run of this plan completed (resume); None when there is nothing to resume.
+    ``part``: the plan is that part of a split plan, which shares its save dir with the other parts: it refuses
+    existing files at its own output paths (``--overwrite`` replaces them) and the parts of another split;
+    ``run --finish`` checks the rest."""
     problems = source_problems(plan)
     root = plan.target_root
     if os.path.exists(root) and not os.path.isdir(root):
         problems.append(f"{root}: target exists and is not a directory.")
+    elif part is not None:
+        from .parts import other_splits
+
+        others = other_splits(root, part)
+        if others and not opts.overwrite:
+            problems.append(f"{root}: holds parts of another split or of another plan ({', '.join(others[:2])}). "
+                            f"Run the parts of one split only; pass --overwrite to go on regardless.")
+        clash = [f for f in plan.files if f.path not in (done or {}) and os.path.lexists(_target(plan, f))]
+        if clash and not opts.overwrite:
+            problems.append(f"{_target(plan, clash[0])}: exists, and this part's journal does not list it "
+                            f"({len(clash)} such file(s)). Pass --overwrite to replace them, or choose an empty "
+                            f"--save-dir.")
     elif os.path.isdir(root) and _contents(root) and not opts.overwrite and done is None:
         other = " (it holds the output of a different plan)" if os.path.exists(journal.path_of(root)) else ""
+        if any(journal.PART_NAME.match(n) for n in os.listdir(root)):
+            other = " (it holds parts of a split plan: complete them with `streamconv run PLAN --finish`)"
         problems.append(f"{root}: output directory is not empty{other}. Choose an empty --save-dir or pass "
                         f"--overwrite.")
     problems += _symlinked_outputs(plan)
@@ -222,26 +248,30 @@ def _write(fmt: str, path: str, layout, index: int, offset: int, value, _created
     return get_format(fmt).write_piece(path, layout, index, fastcopy.contiguous(value), offset)
 
 
-def _compute_and_write(fmt: str, path: str, layout, index: int, offset: int, root: str, node: Node, _created):
-    return get_format(fmt).write_piece(path, layout, index, materialize(node, root), offset)
-
-
 def _barrier(_done) -> None:
     return None
 
 
-def _finish(fmt: str, root: str, rel: str, layout, pieces) -> str:
+def _finish(fmt: str, root: str, rel: str, layout, pieces, journal_name: str = journal.NAME) -> str:
     path = os.path.join(root, *rel.split("/"))
     crcs = get_format(fmt).finish(path, layout, pieces)
     size = os.path.getsize(path)
-    journal.record_file(root, rel, size, crcs, file_crc32(path, size, layout.spans, crcs))
+    journal.record_file(root, rel, size, crcs, file_crc32(path, size, layout.spans, crcs), name=journal_name)
     return path
 
 
-def _text(fmt: str, root: str, rel: str, layout, _finished) -> str:
+def _finish_attempt(fmt: str, path: str, rel: str, token: str, layout, pieces) -> dict:
+    """Finish an attempt file (``<final>.<token>``) and return its journal record; the client renames it."""
+    crcs = get_format(fmt).finish(path, layout, pieces)
+    size = os.path.getsize(path)
+    return {"path": rel, "attempt": token, "size": size, "crc32": list(crcs),
+            "file_crc32": file_crc32(path, size, layout.spans, crcs)}
+
+
+def _text(fmt: str, root: str, rel: str, layout, _finished, journal_name: str = journal.NAME) -> str:
     """A text file in one task: its content is its layout, so create then finish."""
     _create(fmt, os.path.join(root, *rel.split("/")), layout)
-    return _finish(fmt, root, rel, layout, [])
+    return _finish(fmt, root, rel, layout, [], journal_name)
 
 
 def _create(fmt: str, path: str, layout) -> None:
@@ -251,24 +281,28 @@ def _create(fmt: str, path: str, layout) -> None:
 
 # --- the graph ------------------------------------------------------------------------------------------------------
 
-def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
-                skip: frozenset[str] = frozenset()) -> tuple[dict, dict[tuple, int]]:
+def build_graph(plan: Plan, opts: RunOptions, *, skip: frozenset[str] = frozenset(),
+                journal_name: str = journal.NAME, attempt: str | None = None) -> tuple[dict, dict[tuple, int]]:
     """The raw Dask graph of a plan, and the byte count of each write task (for progress).
 
-    ``fused``: one task per piece that computes its whole graph and writes it (for dask.distributed, where a
-    task costs milliseconds and intermediate tensors would cross the network; workers then hold nothing
-    between tasks, so no waves are needed).  Otherwise one task per graph node, shared reads run once.
-    Files in ``skip`` (completed by an earlier run) get no tasks."""
+    One task per graph node, shared reads run once.  Files in ``skip`` (completed by an earlier run) get no
+    tasks.  ``journal_name``: the journal finished files are recorded in.  ``attempt`` (a cluster task's
+    token): every file is written as ``<final>.<attempt>`` and its ``("finish", f)`` task returns its journal
+    record instead of journaling it (:mod:`streamconv.execute.cluster`)."""
     dsk: dict = {}
     pieces = [p for p in plan_pieces(plan, min(opts.band_bytes, max(opts.max_memory // 8, 1)))
               if plan.files[p.file].path not in skip]
-    scheduled = schedule(pieces, max(opts.max_memory // 3, 1)) if not fused else None
+    scheduled = schedule(pieces, max(opts.max_memory // 3, 1))
     layouts = {fi: layout_of(f) for fi, f in enumerate(plan.files) if f.path not in skip}
     texts = [fi for fi, f in enumerate(plan.files) if format_of(f).is_text]   # in plan order: the last marks done
     is_text = set(texts)
+
+    def target(f: OutputFile) -> str:
+        return _target(plan, f) + (f".{attempt}" if attempt else "")
+
     for fi, f in enumerate(plan.files):
         if fi in layouts and fi not in is_text:
-            dsk[("create", fi)] = (_create, f.format, _target(plan, f), layouts[fi])
+            dsk[("create", fi)] = (_create, f.format, target(f), layouts[fi])
 
     root = plan.source_root
     write_bytes: dict[tuple, int] = {}
@@ -279,10 +313,6 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
         wkey = ("write", p.file, p.index, p.band)
         write_bytes[wkey] = p.node.nbytes
         by_file[p.file].append(wkey)
-        if fused:
-            dsk[wkey] = (_compute_and_write, f.format, _target(plan, f), layouts[p.file], p.index, p.offset,
-                         root, p.node, ("create", p.file))
-            continue
         s = scheduled[i]
         by_wave.setdefault(s.wave, []).append(wkey)
         for key, n, srcs in s.tasks:
@@ -290,17 +320,19 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
                 dsk[key] = (_read_after, root, n.arg, ("wave", s.wave - 2))
             else:
                 dsk[key] = (run_node, root, n.op, n.arg) + srcs
-        dsk[wkey] = (_write, f.format, _target(plan, f), layouts[p.file], p.index, p.offset, s.value,
+        dsk[wkey] = (_write, f.format, target(f), layouts[p.file], p.index, p.offset, s.value,
                      ("create", p.file))
-    if not fused:
-        # Barriers are cumulative (wave w also waits for barrier w-1): "reads of wave w wait for barrier
-        # w-2" must mean every earlier write is done, or one late write can pin old values indefinitely.
-        for w, keys in sorted(by_wave.items()):
-            dsk[("wave", w)] = (_barrier, keys + ([("wave", w - 1)] if w else []))
+    # Barriers are cumulative (wave w also waits for barrier w-1): "reads of wave w wait for barrier
+    # w-2" must mean every earlier write is done, or one late write can pin old values indefinitely.
+    for w, keys in sorted(by_wave.items()):
+        dsk[("wave", w)] = (_barrier, keys + ([("wave", w - 1)] if w else []))
     finish_keys = []
     for fi, keys in by_file.items():
         f = plan.files[fi]
-        dsk[("finish", fi)] = (_finish, f.format, plan.target_root, f.path, layouts[fi], keys)
+        if attempt:
+            dsk[("finish", fi)] = (_finish_attempt, f.format, target(f), f.path, attempt, layouts[fi], keys)
+        else:
+            dsk[("finish", fi)] = (_finish, f.format, plan.target_root, f.path, layouts[fi], keys, journal_name)
         finish_keys.append(("finish", fi))
     # Text files come after every tensor file, and the plan's last text file (the tracker, the HF index)
     # after the other text files too: its presence marks the output complete.
@@ -310,7 +342,7 @@ def build_graph(plan: Plan, opts: RunOptions, *, fused: bool = False,
         if f.path in skip:
             continue
         after = finish_keys + (text_keys if fi == texts[-1] else [])
-        dsk[("text", fi)] = (_text, f.format, plan.target_root, f.path, layouts[fi], list(after))
+        dsk[("text", fi)] = (_text, f.format, plan.target_root, f.path, layouts[fi], list(after), journal_name)
         text_keys.append(("text", fi))
     dsk["done"] = (_barrier, text_keys + finish_keys)
     return dsk, write_bytes
@@ -332,7 +364,7 @@ class _ProgressCallback(Callback):
             self.progress.add(n)
 
 
-def run_plan(plan: Plan, opts: RunOptions = RunOptions(), *, accepted=None) -> RunResult:
+def run_plan(plan: Plan, opts: RunOptions = RunOptions(), *, accepted=None, finish: bool = False) -> RunResult:
     """Execute ``plan``: under the save dir's lock, preflight (the plan audited against its sources), then every
     piece on the chosen scheduler; temp files removed on failure.
 
@@ -340,8 +372,16 @@ def run_plan(plan: Plan, opts: RunOptions = RunOptions(), *, accepted=None) -> R
     at their journaled size) are skipped and the rest are written again; the result is byte-identical to an
     uninterrupted run, because every file's layout is fixed by the plan.  With ``overwrite`` over another
     output, the files of the earlier checkpoint this plan does not write are removed first (and listed).
-    ``accepted()`` is called once every check passed, before the first write (``--plan-output``)."""
+    ``accepted()`` is called once every check passed, before the first write (``--plan-output``).
+
+    A part of a split plan (``plan split``) holds the save dir's lock shared and its own part lock, journals
+    into its own journal and writes no text file.  ``finish``: ``plan`` is the whole plan whose parts ran;
+    check that each of its tensor files is journaled by its part and complete, merge the journals, and write
+    the text files (the tracker last)."""
     fileio.release_large_allocations()
+    part = part_of(plan)
+    if finish and part is not None:
+        raise ValidationError(f"--finish takes the whole plan (the one given to `plan split`), not {part.tag}.")
     root = plan.target_root
     if os.path.lexists(root) and not os.path.isdir(root):
         raise ValidationError(f"{root}: target exists and is not a directory. Choose another --save-dir.")
@@ -351,19 +391,40 @@ def run_plan(plan: Plan, opts: RunOptions = RunOptions(), *, accepted=None) -> R
     except OSError as exc:
         raise ValidationError(f"{root}: cannot create the save dir ({exc.strerror}).") from None
     try:
-        with lock_for_dir(root):
-            return _run_locked(plan, opts, accepted)
+        with _run_lock(root, part):
+            if finish:
+                from .parts import finish_locked
+
+                return finish_locked(plan, opts, accepted)
+            return _run_locked(plan, opts, accepted, part)
     except BaseException:
         if made and not _contents(root):  # a refused run leaves nothing behind
             shutil.rmtree(root, ignore_errors=True)
         raise
 
 
-def _run_locked(plan: Plan, opts: RunOptions, accepted=None) -> RunResult:
+@contextlib.contextmanager
+def _run_lock(root: str, part: PartInfo | None):
+    """The save dir's lock: exclusive for a whole plan; for a part, shared (other parts write other files of
+    the same dir) plus its own part lock, exclusive (the same part never runs twice at once)."""
+    if part is None:
+        with lock_for_dir(root):
+            yield
+        return
+    with TargetLock(os.path.join(root, LOCK_NAME), shared=True), TargetLock(os.path.join(root, part_lock_name(part))):
+        yield
+
+
+def part_lock_name(part: PartInfo) -> str:
+    return f".streamconv.{part.tag}.lock"
+
+
+def _run_locked(plan: Plan, opts: RunOptions, accepted=None, part: PartInfo | None = None) -> RunResult:
     root = plan.target_root
+    jname = journal.part_name(part.tag) if part is not None else journal.NAME
     digest = journal.plan_digest(plan)
-    done = journal.completed(root, digest)
-    preflight(plan, opts, done)
+    done = journal.completed(root, digest, jname)
+    preflight(plan, opts, done, part=part)
     if plan.checks:  # before any write: a diverged replica is bad input
         from .replicas import check_replicas
 
@@ -372,20 +433,27 @@ def _run_locked(plan: Plan, opts: RunOptions, accepted=None) -> RunResult:
     if done:
         log.info("resuming: %d of %d files already complete", len(done), len(plan.files))
     distributed = opts.scheduler not in ("threads", "sync")
-    dsk, write_bytes = build_graph(plan, opts, fused=distributed, skip=frozenset(done or ()))
+    skip = frozenset(done or ())
+    if distributed:
+        total = sum(plan.files[fi].nbytes for fi in tensor_files(plan, skip))
+    else:
+        dsk, write_bytes = build_graph(plan, opts, skip=skip, journal_name=jname)
+        total = sum(write_bytes.values())
     client = connect(opts.scheduler) if distributed else None  # an unreachable scheduler fails before any write
     if accepted is not None:
         accepted()
     _cleanup(plan)  # temporary files of a killed run: nobody else can be writing them, we hold the lock
     removed: list[str] = []
-    if done is None:
+    if done is None and part is None:
         if opts.overwrite:
             removed = clear_earlier_output(plan)
         if os.path.exists(journal.path_of(root)):
             os.remove(journal.path_of(root))  # --overwrite of another plan's output: start afresh
-    journal.start(root, digest, [f.path for f in plan.files])
-    progress = Progress(sum(write_bytes.values()), enabled=opts.progress)
+    journal.start(root, digest, [f.path for f in plan.files], name=jname,
+                  part=None if part is None else {"index": part.index, "count": part.count, "of": part.of})
+    progress = Progress(total, enabled=opts.progress)
     start = time.monotonic()
+    report = None
     try:
         if not distributed:
             get = dask.get if opts.scheduler == "sync" else dask.threaded.get
@@ -393,19 +461,38 @@ def _run_locked(plan: Plan, opts: RunOptions, accepted=None) -> RunResult:
             with _ProgressCallback(progress, write_bytes):
                 get(dsk, "done", **kwargs)
         else:
-            _run_distributed(dsk, client, progress, write_bytes)
+            from .cluster import quiet_logs, run_groups
+
+            with quiet_logs():
+                try:
+                    report = run_groups(client, plan, opts, skip=skip, journal_name=jname, progress=progress)
+                finally:
+                    _close(client)
+            _write_texts(plan, opts, skip, jname)
     except BaseException:
         _cleanup(plan)
         raise
     finally:
         progress.close()
-        if client is not None:
-            client.close()
     seconds = time.monotonic() - start
-    total = sum(write_bytes.values())
     log.info("wrote %d files, %.2f GB in %.1f s (%.2f GB/s)", len(plan.files), total / 1e9, seconds,
              total / 1e9 / max(seconds, 1e-9))
-    return RunResult(len(plan.files), total, seconds, tuple(removed))
+    return RunResult(len(plan.files), total, seconds, tuple(removed), report)
+
+
+def _write_texts(plan: Plan, opts: RunOptions, skip: frozenset[str], journal_name: str) -> int:
+    """The plan's text files (config, index, tracker last), here, after every tensor file is journaled."""
+    tensors = frozenset(plan.files[fi].path for fi in tensor_files(plan))
+    dsk, _ = build_graph(plan, opts, skip=skip | tensors, journal_name=journal_name)
+    dask.get(dsk, "done")
+    return sum(1 for f in plan.files if f.path not in skip and f.path not in tensors)
+
+
+def _close(client) -> None:
+    try:
+        client.close(timeout=5)
+    except Exception:  # noqa: BLE001  (a lost scheduler: closing fails too, and the run already has its error)
+        pass
 
 
 # Files of a checkpoint tree an earlier conversion (ours or another tool's) may have left: weights, their
@@ -464,20 +551,17 @@ def connect(address: str):
                              f"its tcp://host:port, or use --scheduler threads.") from None
 
 
-def _run_distributed(dsk: dict, client, progress: Progress, write_bytes: dict) -> None:
-    from distributed import as_completed
-
-    futures = client.get(dsk, list(write_bytes) + ["done"], sync=False)
-    for fut in as_completed(futures[:-1]):
-        fut.result()  # re-raises a task's error here
-        progress.add(write_bytes.get(fut.key, 0))
-    futures[-1].result()
-
-
 def _cleanup(plan: Plan) -> None:
-    """After a failure, remove temporary files; complete files stay (they are whole and correct)."""
+    """After a failure, remove temporary files (and a cluster run's attempt files); complete files stay (they
+    are whole and correct)."""
+    from .cluster import remove_attempts
+
     for f in plan.files:
         try:
             format_of(f).abort(_target(plan, f))
         except OSError:
             pass
+    try:
+        remove_attempts(plan)
+    except OSError:
+        pass

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 
 from ..errors import ExecutionError, FormatError
@@ -34,56 +35,79 @@ def plan_digest(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def path_of(target_root: str) -> str:
-    return os.path.join(target_root, NAME)
+# A part of a split plan (``streamconv plan split``) journals into its own file, so parts running on several
+# hosts never append to one file over a shared filesystem; ``run --finish`` merges them into NAME.
+PART_NAME = re.compile(r"^\.streamconv_journal\.(part-(\d+)-of-(\d+))\.jsonl$")
 
 
-def append(target_root: str, record: dict) -> None:
+def part_name(tag: str) -> str:
+    """The journal of the part tagged ``tag`` (``part-03-of-08``)."""
+    return f".streamconv_journal.{tag}.jsonl"
+
+
+def path_of(target_root: str, name: str = NAME) -> str:
+    return os.path.join(target_root, name)
+
+
+def append(target_root: str, record: dict, name: str = NAME) -> None:
+    path = path_of(target_root, name)
     line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
     try:
-        fd = os.open(path_of(target_root), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
-        raise ExecutionError(f"{path_of(target_root)}: cannot open the run journal ({exc.strerror}); it must be a "
+        raise ExecutionError(f"{path}: cannot open the run journal ({exc.strerror}); it must be a "
                              f"regular file.") from None
     try:
         os.write(fd, line)
         os.fsync(fd)
     except OSError as exc:
-        raise ExecutionError(f"{path_of(target_root)}: cannot write the run journal ({exc.strerror}).") from exc
+        raise ExecutionError(f"{path}: cannot write the run journal ({exc.strerror}).") from exc
     finally:
         os.close(fd)
 
 
-def start(target_root: str, digest: str, files: list[str] | None = None) -> None:
-    append(target_root, {"kind": "run", "plan_sha256": digest, "time": time.time(), "files": list(files or [])})
+def start(target_root: str, digest: str, files: list[str] | None = None, name: str = NAME,
+          part: dict | None = None) -> None:
+    rec = {"kind": "run", "plan_sha256": digest, "time": time.time(), "files": list(files or [])}
+    if part is not None:
+        rec["part"] = part
+    append(target_root, rec, name)
 
 
-def record_file(target_root: str, rel_path: str, size: int, crcs: list[int], file_crc: int | None = None) -> None:
+def record_file(target_root: str, rel_path: str, size: int, crcs: list[int], file_crc: int | None = None,
+                name: str = NAME) -> None:
     rec = {"kind": "file", "path": rel_path, "size": size, "crc32": list(crcs)}
     if file_crc is not None:
         rec["file_crc32"] = file_crc
-    append(target_root, rec)
+    append(target_root, rec, name)
 
 
 MAX_BYTES = 1 << 30   # a 671B conversion journals a few MB
 
 
-def read(target_root: str) -> tuple[set[str], dict[str, dict]]:
+def read(target_root: str, name: str = NAME) -> tuple[set[str], dict[str, dict]]:
     """(plan digests of every run recorded, completed files by path with the digest of the run that wrote
     them).  A torn last line is ignored; a line that is not a journal record, or names a path outside the save
     dir, is an error (the journal is read before anything is trusted)."""
-    return read_runs(target_root)[:2]
+    return read_runs(target_root, name)[:2]
 
 
-def read_runs(target_root: str) -> tuple[set[str], dict[str, dict], list[str] | None]:
-    """:func:`read`, and the output list of the last run recorded (None when the journal has no run)."""
+def last_run(target_root: str, name: str = NAME) -> dict | None:
+    """The last run record of a journal (its ``plan_sha256``, ``files``, a part's ``part``), or None."""
+    return read_runs(target_root, name, with_run=True)[3]
+
+
+def read_runs(target_root: str, name: str = NAME, *, with_run: bool = False):
+    """:func:`read`, and the output list of the last run recorded (None when the journal has no run); with
+    ``with_run``, also that run's record."""
     digests: set[str] = set()
     files: dict[str, dict] = {}
     planned = None
     current = None
-    path = path_of(target_root)
+    run = None
+    path = path_of(target_root, name)
     if not os.path.lexists(path):
-        return digests, files, planned
+        return (digests, files, planned, run) if with_run else (digests, files, planned)
     data = fileio.read_small(path, MAX_BYTES, what="run journal")
     lines = data.split(b"\n")
     for n, raw in enumerate(lines, 1):
@@ -99,6 +123,7 @@ def read_runs(target_root: str) -> tuple[set[str], dict[str, dict], list[str] | 
         if not isinstance(rec, dict):
             raise FormatError(f"{path}: line {n} is not a journal record. Delete the journal to start afresh.")
         if rec.get("kind") == "run":
+            run = rec
             current = rec.get("plan_sha256")
             digests.add(current)
             listed = rec.get("files")
@@ -108,13 +133,13 @@ def read_runs(target_root: str) -> tuple[set[str], dict[str, dict], list[str] | 
                 raise FormatError(f"{path}: line {n} names {rec['path']!r}, outside the save dir. The journal is "
                                   f"not streamconv's; delete it.")
             files[rec["path"]] = dict(rec, plan_sha256=current)
-    return digests, files, planned
+    return (digests, files, planned, run) if with_run else (digests, files, planned)
 
 
-def completed(target_root: str, digest: str) -> dict[str, dict] | None:
+def completed(target_root: str, digest: str, name: str = NAME) -> dict[str, dict] | None:
     """Files a run of the plan with ``digest`` completed, still present at their journaled size; None when
     the directory holds no journal of this plan."""
-    digests, files = read(target_root)
+    digests, files = read(target_root, name)
     if digest not in digests:
         return None
     out = {}

@@ -116,7 +116,14 @@ def verify_dir(root: str) -> Report:
         report.problems.append(str(exc))
         return report
     if not digests:
-        report.problems.append(f"{journal.path_of(root)}: no run journal; was this directory written by streamconv?")
+        parts = [n for n in os.listdir(root) if journal.PART_NAME.match(n)] if os.path.isdir(root) else []
+        if parts:
+            report.incomplete = True
+            report.problems.append(f"{root}: holds {len(parts)} part(s) of a split plan and no merged journal: run "
+                                   f"`streamconv run PLAN --finish` once every part is done, then verify.")
+        else:
+            report.problems.append(f"{journal.path_of(root)}: no run journal; was this directory written by "
+                                   f"streamconv?")
     real_root = os.path.realpath(root)
     missing = [p for p in (planned or []) if p not in journaled]
     partial = sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root)

@@ -30,6 +30,7 @@ from .plan import Plan
 JOURNAL = ".streamconv_journal.jsonl"
 LOCK = ".streamconv.lock"
 BOOKKEEPING = (JOURNAL, LOCK)
+PREFIX = ".streamconv"   # every bookkeeping name starts so (the journals and locks of a split plan's parts too)
 TEMP_SUFFIX = ".partial"
 
 
@@ -146,7 +147,7 @@ def output_problems(plan: Plan) -> list[str]:
         base = posixpath.basename(f.path)
         if f.path in seen:
             problems.append(f"plan target.files: {f.path!r} listed twice. Each output is written once.")
-        if base in BOOKKEEPING or base.endswith(TEMP_SUFFIX) or base.startswith(LOCK):
+        if base in BOOKKEEPING or base.endswith(TEMP_SUFFIX) or base.startswith(LOCK) or base.startswith(PREFIX):
             problems.append(f"plan target.files: {f.path!r} is named like streamconv's own bookkeeping files "
                             f"({', '.join(BOOKKEEPING)}, *{TEMP_SUFFIX}). The plan cannot be trusted.")
         seen.add(f.path)

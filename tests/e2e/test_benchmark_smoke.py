@@ -67,3 +67,21 @@ def test_lora_benchmark_smoke(tmp_path, monkeypatch):
     assert res["runs"]["merge"]["output_bytes"] == res["runs"]["plain"]["output_bytes"] > 0
     assert 0 < res["runs"]["export"]["output_bytes"] < res["adapter_bytes"]
     assert all(r["seconds"] > 0 and r["peak_rss_bytes"] for r in res["runs"].values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/PID/io and /usr/bin/time")
+def test_cluster_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/cluster.py on the tiny checkpoint: every scenario runs and reports its figures."""
+    from benchmarks import cluster as bench
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(bench, "drop_caches", lambda: False)
+    assert bench.main(["--smoke", "--work-dir", str(tmp_path)]) == 0
+    with open(tmp_path / "results.json") as f:
+        r = json.load(f)
+    assert r["raw_copy"]["seconds"] > 0 and r["single_process"]["seconds"] > 0
+    assert [c["workers"] for c in r["cluster"]] == [1, 2]
+    for c in r["cluster"]:
+        assert len(c["rchar_per_worker"]) == c["workers"] and all(b > 0 for b in c["rchar_per_worker"])
+        assert all(0 < b < 2 * 2**30 for b in c["worker_peak_rss_bytes"])
+    assert len(r["split"]["parts"]) == 2 and r["rates"]["cpu_seconds_per_gb_written"] > 0
