@@ -12,9 +12,10 @@ import os
 import torch
 
 from .. import types
-from ..graph.node import (BlockScaleArg, CastArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg,
-                          TransposeArg, ViewArg)
+from ..graph.node import (BlockScaleArg, CastArg, CatArg, ChunkedReadArg, DequantArg, Node, Op, QuantArg, ReadArg,
+                          SliceArg, TransposeArg, ViewArg)
 from ..storage import fileio
+from ..storage.registry import get_format
 from ..storage.safetensors import bytes_to_tensor
 from . import copy as fastcopy
 from . import quant
@@ -28,6 +29,11 @@ def read_kernel(root: str, a: ReadArg) -> torch.Tensor:
     shape = (r1 - r0,) + tuple(a.shape[1:]) if a.shape else ()
     buf = fileio.read_range(os.path.join(root, a.file), a.offset + r0 * row, (r1 - r0) * row)
     return bytes_to_tensor(buf, dt.name, shape)
+
+
+def read_chunked_kernel(root: str, a: ChunkedReadArg) -> torch.Tensor:
+    """The format object reads the hypercube (the executor does not know which format it reads)."""
+    return get_format(a.format).read_region(os.path.join(root, a.file), a.dtype, a.shape, a.offsets, a.lengths)
 
 
 def _slice(a: SliceArg, x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +88,8 @@ def run_node(root: str, node_op: Op, arg, *srcs: torch.Tensor) -> torch.Tensor:
     """Compute one node from its sources' values (the task function of the Dask executor)."""
     if node_op is Op.READ:
         return read_kernel(root, arg)
+    if node_op is Op.READ_CHUNKED:
+        return read_chunked_kernel(root, arg)
     return KERNELS[node_op](arg, *srcs)
 
 

@@ -8,6 +8,7 @@ unrestricted node, which keeps its content key, so all bands share one materiali
 
 Rules, one per op (``_RULES``):
 1. read, dim 0      -> a read of fewer rows (one contiguous positional read)
+   read_chunked     -> a read of the smaller hypercube, any dim (the format reads only the chunks it overlaps)
 2. slice            -> compose the ranges and narrow the source along every restricted dim
 3. cat, same dim    -> only the overlapping parts, each narrowed; other dim -> narrow every part
 4. cast             -> cast of the narrowed source
@@ -26,9 +27,9 @@ from __future__ import annotations
 import math
 
 from .. import types
-from .node import (BlockScaleArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg, TransposeArg, ViewArg,
-                   cast, cat, dequant_fp8_block, fp8_block_scale, make, narrow_dim, quant_fp8_block, read, slice_,
-                   transpose, view)
+from .node import (BlockScaleArg, CatArg, ChunkedReadArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg,
+                   TransposeArg, ViewArg, cast, cat, dequant_fp8_block, fp8_block_scale, make, narrow_dim,
+                   quant_fp8_block, read, read_chunked, slice_, transpose, view)
 
 
 def narrow(x: Node, dim: int, start: int, stop: int) -> Node:
@@ -48,6 +49,14 @@ def _read(x: Node, dim, start, stop):
         return None
     r0 = a.rows[0]
     return read(a.file, a.tensor, a.dtype, a.shape, offset=a.offset, rows=(r0 + start, r0 + stop))
+
+
+def _read_chunked(x: Node, dim, start, stop):
+    a: ChunkedReadArg = x.arg
+    offsets, lengths = list(a.offsets), list(a.lengths)
+    offsets[dim] += start
+    lengths[dim] = stop - start
+    return read_chunked(a.file, a.tensor, a.format, a.dtype, a.shape, offsets=offsets, lengths=lengths)
 
 
 def _slice(x: Node, dim, start, stop):
@@ -157,6 +166,7 @@ _RULES = {
     Op.DEQUANT_FP8_BLOCK: _dequant,
     Op.QUANT_FP8_BLOCK: _quant,
     Op.FP8_BLOCK_SCALE: _block_scale,
+    Op.READ_CHUNKED: _read_chunked,
 }
 
 

@@ -181,6 +181,18 @@ class TensorFormat(abc.ABC):
         """
         raise NotImplementedError(f"{self.name}: this format cannot be read (it has no index).")
 
+    def read_region(self, path: str, dtype: str, shape: tuple[int, ...], offsets: tuple[int, ...],
+                    lengths: tuple[int, ...]):
+        """Elements ``[offsets, offsets + lengths)`` of the tensor stored at ``path`` (a chunked format's array:
+        a directory of chunk files) as a torch tensor of ``dtype``, reading only the chunks the region overlaps.
+        The kernel of the graph's ``read_chunked`` op (any worker, any thread).  Formats whose tensors are
+        byte ranges of one file are read by the ``read`` op instead and need not implement it.
+
+        Raises:
+            FormatError: one line naming the file when the tensor is missing, changed or damaged.
+        """
+        raise NotImplementedError(f"{self.name}: this format has no chunked reads (use the read op).")
+
     # --- 3-7. writing and checking ----------------------------------------------------------------------------
     @abc.abstractmethod
     def compute_layout(self, entries: Iterable[TensorEntry], attrs: Iterable[tuple[str, Any]] = (),

@@ -3,7 +3,7 @@
     >>> get_format("safetensors").supports_groups
     False
     >>> format_names()
-    ('megatron_pt', 'safetensors', 'text')
+    ('megatron_pt', 'safetensors', 'text', 'zarr')
 
 A new format is registered with one line, ``register_format(MY_FORMAT)``, at the bottom of this module for
 a built-in one; the conformance suites (:mod:`streamconv.testing`) then run on it, because
@@ -19,6 +19,7 @@ from .base import TensorFormat
 from .megatron_pt import MEGATRON_PT
 from .safetensors import SAFETENSORS
 from .text import TEXT
+from .zarr_shard import ZARR
 
 _FORMATS: dict[str, TensorFormat] = {}
 
@@ -79,3 +80,4 @@ def digest_of_file(path: str) -> str:
 register_format(MEGATRON_PT)
 register_format(SAFETENSORS)
 register_format(TEXT)
+register_format(ZARR)
