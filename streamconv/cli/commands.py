@@ -11,6 +11,20 @@ from ..plan.plan import Plan
 from . import common, report
 
 
+# Directions added after hf2mcore/mcore2hf: name -> (help, flag adder, planner).  `plan NAME` and `convert NAME`
+# take the same flags.
+MORE_DIRECTIONS = {
+    "mcore2mcore": ("MindSpeed mcore -> mcore in another layout, in one pass (target flags as hf2mcore's)",
+                    common.add_mcore2mcore_flags, common.plan_mcore2mcore_from_args),
+    "hf2zarr": ("HF safetensors -> a chunked zarr v3 store (FP8 stays FP8) that hf2mcore reads directly",
+                common.add_hf2zarr_flags, common.plan_hf2zarr_from_args),
+    "mcore2zarr": ("MindSpeed mcore -> a zarr v3 store of the HF checkpoint mcore2hf would write",
+                   common.add_mcore2zarr_flags, common.plan_mcore2zarr_from_args),
+    "zarr2hf": ("a zarr store -> the HF safetensors checkpoint it was made from, byte for byte",
+                common.add_zarr2hf_flags, common.plan_zarr2hf_from_args),
+}
+
+
 def register(sub) -> None:
     p = sub.add_parser("plan", help="compile a conversion plan (JSON) without writing any checkpoint")
     psub = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
@@ -24,6 +38,12 @@ def register(sub) -> None:
     m.add_argument("--output", "-o", required=True, help="where to save the plan JSON")
     m.add_argument("--dry-run", action="store_true", help="print the plan's summary; do not save it")
     m.set_defaults(func=cmd_plan)
+    for name, (help_text, add_flags, _) in MORE_DIRECTIONS.items():
+        d = psub.add_parser(name, help=help_text)
+        add_flags(d)
+        d.add_argument("--output", "-o", required=True, help="where to save the plan JSON")
+        d.add_argument("--dry-run", action="store_true", help="print the plan's summary; do not save it")
+        d.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("run", help="execute a saved plan")
     r.add_argument("plan", help="plan JSON written by `streamconv plan`")
@@ -42,6 +62,12 @@ def register(sub) -> None:
     common.add_run_flags(cm)
     cm.add_argument("--plan-output", help="also save the plan JSON here")
     cm.set_defaults(func=cmd_convert)
+    for name, (help_text, add_flags, _) in MORE_DIRECTIONS.items():
+        d = csub.add_parser(name, help=help_text)
+        add_flags(d)
+        common.add_run_flags(d)
+        d.add_argument("--plan-output", help="also save the plan JSON here")
+        d.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", help="check written outputs: sizes, checksums, tensors re-derived from the source")
     v.add_argument("path", help="plan JSON (full checks), or a save dir written by streamconv (journal checks)")
@@ -58,6 +84,8 @@ def register(sub) -> None:
 
 
 def _plan_from_args(args) -> Plan:
+    if args.direction in MORE_DIRECTIONS:
+        return MORE_DIRECTIONS[args.direction][2](args)
     if args.direction == "mcore2hf":
         return common.plan_mcore2hf_from_args(args)
     return common.plan_hf2mcore_from_args(args)

@@ -13,13 +13,14 @@ from dataclasses import asdict
 
 from ..errors import ValidationError
 from ..layout.options import McoreOptions
-from ..layout.parallel import ParallelSizes, iter_dir, rank_dir
-from ..mapping.assemble import build_rank_tensors, placement
+from ..layout.parallel import ParallelSizes, RankFile, iter_dir, rank_dir
+from ..mapping.assemble import TargetTensor, build_rank_tensors, placement
 from ..mapping.spec import ModelSpec
 from ..models import model_for_config
 from .mcore2hf import RECORD, record_text
 from .plan import Dropped, OutputFile, OutputTensor, Plan
 from .sources import HFSource
+from .zarr_source import open_hf_source
 
 ITERATION = 1
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -31,10 +32,11 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
                      *, model_type_hf: str | None = None, save_args: bool = False) -> Plan:
     """Compile an HF checkpoint -> MindSpeed mcore (legacy torch format) conversion plan.  The model family
     comes from config.json's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given).
+    ``load_dir`` is an HF directory or a zarr store (``hf2zarr``): the plan reads the same tensors either way.
 
     ``save_args``: every rank file also holds the ``args`` namespace MindSpeed's own mg -> hf reads back
     (loading it with ``torch.load(weights_only=True)`` then needs ``add_safe_globals([argparse.Namespace])``)."""
-    src = HFSource(load_dir)
+    src = open_hf_source(load_dir)   # an HF directory, or a zarr store written by hf2zarr
     cfg_json = src.config()
     cfg_path = os.path.join(src.root, "config.json")
     spec = model_for_config(cfg_json, cfg_path, model_type_hf=model_type_hf)
@@ -42,16 +44,34 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     src.quant = spec.quant
     check_source_against_config(src, spec, cfg)
     per_rank = build_rank_tensors(spec, cfg, sizes, options, src)  # validates flags against the model first
+    leftover = src.unaccounted()
+    if leftover:
+        raise ValidationError([f"{n}: present in the source but consumed by no output and not declared "
+                               f"dropped. This is a bug in the model table; please report it." for n in leftover])
+    files = mcore_files(spec, cfg, cfg_json, sizes, options, per_rank, save_args=save_args)
+
+    return Plan(
+        kind="hf2mcore",
+        source_root=load_dir,   # as given: a plan made with relative paths runs from any checkout
+        source_files=tuple(src.files),
+        target_root=save_dir,
+        files=tuple(files),
+        dropped=tuple(Dropped(n, r) for n, r in sorted(src.dropped.items())),
+        # JSON-native (tuples as lists), so a plan equals itself read back from its file
+        options=json.loads(json.dumps({"target": asdict(sizes), "model": asdict(options),
+                                       "model_type": spec.name})),
+    )
+
+
+def mcore_files(spec: ModelSpec, cfg, cfg_json: dict, sizes: ParallelSizes, options: McoreOptions,
+                per_rank: dict[RankFile, list[TargetTensor]], *, save_args: bool = False) -> list[OutputFile]:
+    """The files of an mcore checkpoint holding ``per_rank`` (from :func:`build_rank_tensors`): the rank files,
+    the record mcore2hf reads (``cfg_json``, the HF config of the model, and the layout), the tracker last."""
     p = placement(spec, cfg, sizes, options)
     groups = p.layout.groups()
     attrs: tuple = (("checkpoint_version", 3.0), ("iteration", ITERATION))
     if save_args:
         attrs += (("args", mindspeed_args(spec, cfg, sizes, options, p.layout.num_layers)),)
-    leftover = src.unaccounted()
-    if leftover:
-        raise ValidationError([f"{n}: present in the source but consumed by no output and not declared "
-                               f"dropped. This is a bug in the model table; please report it." for n in leftover])
-
     # Write order: stage by stage, key position by key position.  The same key position in every rank
     # file of a stage gets the same number: those tensors are replicas or TP/EP slices of the same source
     # tensors, and the executor writes them band by band together, so a shared source is read once and
@@ -68,18 +88,7 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     # The HF config and the layout, so that mcore -> HF needs neither --hf-config nor the layout flags.
     files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options)))
     files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
-
-    return Plan(
-        kind="hf2mcore",
-        source_root=load_dir,   # as given: a plan made with relative paths runs from any checkout
-        source_files=tuple(src.files),
-        target_root=save_dir,
-        files=tuple(files),
-        dropped=tuple(Dropped(n, r) for n, r in sorted(src.dropped.items())),
-        # JSON-native (tuples as lists), so a plan equals itself read back from its file
-        options=json.loads(json.dumps({"target": asdict(sizes), "model": asdict(options),
-                                       "model_type": spec.name})),
-    )
+    return files
 
 
 def mindspeed_args(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptions, slots: int) -> argparse.Namespace:
