@@ -59,7 +59,7 @@ def format_of_file(path: str) -> TensorFormat | None:
     """The format whose :meth:`~TensorFormat.sniff` claims the file at ``path``, or None when none does."""
     want = max((f.sniff_bytes for f in _FORMATS.values()), default=0)
     try:
-        with open(path, "rb") as fh:
+        with open(path, "rb", buffering=0) as fh:  # unbuffered: read the sniff bytes, not a 4 KiB buffer
             head = fh.read(want)
     except OSError as exc:
         raise FormatError(f"{path}: cannot open ({exc.strerror or exc}).") from None
