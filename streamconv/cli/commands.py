@@ -167,14 +167,17 @@ def cmd_inspect(args) -> int:
 
 
 def _inspect_hf(path: str, tensors: bool) -> str:
-    from ..plan.sources import HFSource
+    from ..plan.zarr_source import is_store, open_hf_source
 
-    src = HFSource(path)
+    src = open_hf_source(path)   # an HF directory, or a zarr store
+    # a store: by the HF shard its tensors came from (one array per tensor would be a row each)
+    origin = {n: s["file"] for s in getattr(src, "record", {}).get("shards", ()) for n in s["tensors"]}
     files: dict[str, list] = {}
     for name, (shard, info) in src.tensors.items():
-        files.setdefault(shard, []).append((name, info))
+        files.setdefault(origin.get(name, shard), []).append((name, info))
     rows = [(shard, len(items), report.human(sum(i.nbytes for _, i in items))) for shard, items in sorted(files.items())]
-    out = [f"HF checkpoint {src.root}", report.table(rows, ("file", "tensors", "bytes")),
+    out = [f"{'zarr store' if is_store(path) else 'HF checkpoint'} {src.root}",
+           report.table(rows, ("file", "tensors", "bytes")),
            f"total: {len(files)} files, {len(src.tensors)} tensors, "
            f"{report.human(sum(i.nbytes for _, i in src.tensors.values()))}"]
     if tensors:

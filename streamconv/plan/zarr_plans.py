@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 from .. import __version__
 from ..errors import ValidationError
-from ..graph.node import Node, cat, narrow_dim, transpose, view
+from ..graph.node import Node, narrow_dim, transpose, view
 from ..models import model_for_config
 from ..storage import zarr_store
 from ..storage.safetensors import SAFETENSORS
@@ -129,13 +129,16 @@ def chunking(shape: tuple[int, ...], itemsize: int, edge: int, opts: StoreOption
     return chunk, shard, per_entry
 
 
-def _chunk_rows(src: Node, start: int, chunk: tuple[int, ...]) -> Node:
-    """Rows ``[start, start + chunk[0])`` of ``src`` as the stack of their inner chunks, in index order."""
-    rows = narrow_dim(src, 0, start, start + chunk[0])
+def _entry(src: Node, start: int, rows: int, chunk: tuple[int, ...]) -> Node:
+    """Rows ``[start, start + rows)`` of ``src`` (whole chunk rows) as the stack of their inner chunks, in the
+    shard index's order: one read of the rows, regrouped by views and one transpose (one copy when run)."""
+    band = narrow_dim(src, 0, start, start + rows)
+    k = rows // chunk[0]
     if len(chunk) == 2 and chunk[1] != src.shape[1]:
         n = src.shape[1] // chunk[1]
-        return transpose(view(rows, (chunk[0], n, chunk[1])), 0, 1)
-    return view(rows, (1,) + tuple(rows.shape))
+        grid = transpose(view(band, (k, chunk[0], n, chunk[1])), 1, 2)   # [k, n, chunk rows, chunk cols]
+        return view(grid, (k * n, chunk[0], chunk[1]))
+    return view(band, (k,) + tuple(chunk))
 
 
 def array_files(name: str, src: Node, edge: int, opts: StoreOptions, seq: int) -> tuple[list[OutputFile], int]:
@@ -147,8 +150,7 @@ def array_files(name: str, src: Node, edge: int, opts: StoreOptions, seq: int) -
     for i, r0 in enumerate(range(0, src.shape[0], shard[0])):
         entries = []
         for e0 in range(r0, r0 + shard[0], per_entry * chunk[0]):
-            parts = [_chunk_rows(src, a, chunk) for a in range(e0, e0 + per_entry * chunk[0], chunk[0])]
-            entries.append(OutputTensor("", f"rows{e0}", cat(parts, 0), seq))
+            entries.append(OutputTensor("", f"rows{e0}", _entry(src, e0, per_entry * chunk[0], chunk), seq))
             seq += 1
         key = "/".join(["c", str(i)] + ["0"] * (len(shard) - 1))
         files.append(OutputFile(f"{name}/{key}", ZARR.name, tuple(entries), attrs=attrs))
@@ -302,14 +304,9 @@ def plan_mcore_to_zarr(mcore_plan: Plan, save_dir: str, opts: StoreOptions = Sto
                       dropped=mcore_plan.dropped, checks=mcore_plan.checks, options=mcore_plan.options)
 
 
-def plan_zarr_to_hf(load_dir: str, save_dir: str) -> Plan:
-    """A store -> the HF checkpoint it was made from: the same shards, tensor order, metadata and files."""
-    src = ZarrSource(load_dir)
-    layout = layout_of_source(src)
-    inexact = inexact_shards(layout)
-    if inexact:
-        log.warning("%s: the original header differed from a canonical one; the tensors and metadata come back "
-                    "byte for byte, the header in canonical form", ", ".join(inexact[:3]))
+def hf_files(layout: HFLayout) -> list[OutputFile]:
+    """``layout`` as the files of an HF directory: its safetensors shards (tensors in order, metadata), then its
+    other files (the index last, marking the checkpoint complete)."""
     files = []
     seq = 0
     for shard in layout.shards:
@@ -318,6 +315,17 @@ def plan_zarr_to_hf(load_dir: str, save_dir: str) -> Plan:
             tensors.append(OutputTensor("", name, node, seq))
             seq += 1
         files.append(OutputFile(shard.file, SAFETENSORS.name, tuple(tensors), attrs=shard.metadata))
-    files += [OutputFile(name, "text", text=text) for name, text in layout.files]
+    return files + [OutputFile(name, "text", text=text) for name, text in layout.files]
+
+
+def plan_zarr_to_hf(load_dir: str, save_dir: str) -> Plan:
+    """A store -> the HF checkpoint it was made from: the same shards, tensor order, metadata and files."""
+    src = ZarrSource(load_dir)
+    layout = layout_of_source(src)
+    inexact = inexact_shards(layout)
+    if inexact:
+        log.warning("%s: the original header differed from a canonical one; the tensors and metadata come back "
+                    "byte for byte, the header in canonical form", ", ".join(inexact[:3]))
+    files = hf_files(layout)
     return Plan(kind="zarr2hf", source_root=load_dir, source_files=tuple(src.files), target_root=save_dir,
                 files=tuple(files))

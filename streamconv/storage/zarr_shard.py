@@ -357,6 +357,15 @@ class ZarrFormat(TensorFormat):
             os.close(fd)
         return FileCheck(n, problems)
 
+    def read_entry(self, path: str, layout: ShardLayout, index: int) -> np.ndarray:
+        """Entry ``index``'s raw bytes, decoded when the shard is compressed."""
+        shard = read_shard(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return entry_bytes(shard, fd, index)
+        finally:
+            os.close(fd)
+
     def read_region(self, path: str, dtype: str, shape: tuple[int, ...], offsets: tuple[int, ...],
                     lengths: tuple[int, ...]) -> torch.Tensor:
         """A band of the zarr array whose directory is ``path`` (any zarr v3 array, ours or zarr-python's)."""
