@@ -275,7 +275,7 @@ def read_region(path: str, dtype: str, shape: tuple[int, ...], offsets: tuple[in
         raise FormatError(f"{path}: {meta.dtype}{list(meta.shape)} in the store (the plan expects {dtype}"
                           f"{list(shape)}). The store changed since the plan was made; re-create the plan.")
     npdt = np.dtype(meta.stored).newbyteorder(">" if meta.big_endian else "<")
-    out = np.full(tuple(lengths), meta.fill, dtype=npdt)
+    out = np.empty(tuple(lengths), dtype=npdt)  # every element lies in one chunk: placed, or filled if missing
     if all(n > 0 for n in lengths):
         ranges = [range(o // c, -(-(o + n) // c)) for o, n, c in zip(offsets, lengths, meta.outer)]
         for idx in itertools.product(*ranges):
@@ -299,20 +299,23 @@ def _decode(meta: ArrayMeta, blob, shape: tuple[int, ...], npdt: np.dtype, file:
     return np.frombuffer(data, dtype=npdt).reshape(shape)
 
 
-def _place(chunk: np.ndarray, origin: tuple[int, ...], offsets, lengths, out: np.ndarray) -> None:
-    """Copy the part of ``chunk`` (at global ``origin``) that lies in the band into ``out``."""
+def _place(chunk: np.ndarray | None, origin: tuple[int, ...], offsets, lengths, out: np.ndarray,
+           shape: tuple[int, ...] = (), fill=0) -> None:
+    """Copy the part of ``chunk`` (at global ``origin``) that lies in the band into ``out``; with ``chunk`` None
+    (never written), set that part of a chunk of ``shape`` to ``fill``."""
     src, dst = [], []
-    for g, c, o, n in zip(origin, chunk.shape, offsets, lengths):
+    for g, c, o, n in zip(origin, chunk.shape if chunk is not None else shape, offsets, lengths):
         lo, hi = max(g, o), min(g + c, o + n)
         if lo >= hi:
             return
         src.append(slice(lo - g, hi - g))
         dst.append(slice(lo - o, hi - o))
-    out[tuple(dst)] = chunk[tuple(src)]
+    out[tuple(dst)] = chunk[tuple(src)] if chunk is not None else fill
 
 
 def _read_chunk(file: str, meta: ArrayMeta, npdt, origin, offsets, lengths, out) -> None:
     if not os.path.exists(file):
+        _place(None, origin, offsets, lengths, out, meta.outer, meta.fill)
         return
     blob = fileio.read_range(file, 0, os.path.getsize(file))
     _place(_decode(meta, blob, meta.outer, npdt, file), origin, offsets, lengths, out)
@@ -322,6 +325,7 @@ def _read_shard(file: str, meta: ArrayMeta, npdt, origin, offsets, lengths, out)
     try:
         st = os.stat(file)
     except FileNotFoundError:
+        _place(None, origin, offsets, lengths, out, meta.outer, meta.fill)
         return
     grid = tuple(o // i for o, i in zip(meta.outer, meta.inner))
     index = shard_index(file, st.st_size, st.st_mtime_ns, math.prod(grid), meta.index_at_end, meta.index_crc)
@@ -334,6 +338,9 @@ def _read_shard(file: str, meta: ArrayMeta, npdt, origin, offsets, lengths, out)
         start, nbytes = (int(v) for v in index[np.ravel_multi_index(cidx, grid) if grid else 0])
         if start != EMPTY:
             wanted.append((start, nbytes, cidx))
+        else:
+            corner = tuple(g + c * i for g, c, i in zip(origin, cidx, meta.inner))
+            _place(None, corner, offsets, lengths, out, meta.inner, meta.fill)
     wanted.sort()
     fd = os.open(file, os.O_RDONLY)
     try:
