@@ -306,7 +306,8 @@ class ZarrFormat(TensorFormat):
         os.close(fd)
 
     def write_piece(self, path: str, layout: ShardLayout, index: int, data, offset: int = 0) -> Piece:
-        return _pieces.write_piece(path, layout, index, data, offset)
+        # compressed: finish reads the raw bytes back soon, so they stay in the page cache (one shard's worth)
+        return _pieces.write_piece(path, layout, index, data, offset, write_behind=not layout.codec.compressed)
 
     def finish(self, path: str, layout: ShardLayout, pieces: Iterable[Piece]) -> list[int]:
         """Check the tiling; uncompressed: fsync and rename; compressed: encode the chunks into
