@@ -11,7 +11,7 @@ Chunks (see :func:`chunking`): inner chunks are ``edge`` rows (the family's FP8 
 multiple of ``edge`` that divides the dim's ``align``-way split (TP/EP up to 8 by default) within
 ``chunk_bytes``; shards are full-width bands of chunk rows up to ``shard_bytes``; each shard file's entries are
 bands of chunk rows up to ``entry_bytes`` (one write task each; 64 MiB, the executor's band: 4 MiB entries made
-hf2zarr 1.7-2x slower on a 4 GB slice, from the per-write flush and the many small reads).  Chunks and shards tile every array exactly.
+hf2zarr 1.3-1.9x slower on a 4 GB slice, from the per-write flush and the many small reads).  Chunks and shards tile every array exactly.
 """
 
 from __future__ import annotations
