@@ -138,6 +138,11 @@ def test_mcore2zarr_then_zarr2hf_equals_mcore2hf(hf_dirs, tmp_path):
                               hf_config_dir=hf_dirs["bf16"]), FAST)
     assert files_of(str(tmp_path / "back")) == files_of(str(tmp_path / "hf"))
     assert "tokenizer.json" in os.listdir(tmp_path / "back")
+    # and the store is a source like the HF checkpoint it holds
+    target = split(dict(tp=4, ep=2))
+    run_plan(plan_hf_to_mcore(str(tmp_path / "store"), str(tmp_path / "m-store"), *target), FAST)
+    run_plan(plan_hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "m-hf"), *target), FAST)
+    assert files_of(str(tmp_path / "m-store")) == files_of(str(tmp_path / "m-hf"))
 
 
 def test_cli_rechunk_verify_and_refusals(hf_dirs, tmp_path, capsys):
@@ -152,7 +157,9 @@ def test_cli_rechunk_verify_and_refusals(hf_dirs, tmp_path, capsys):
                 + args) == 0
     assert files_of(str(tmp_path / "hf")) == files_of(src)
     assert main(["verify", str(tmp_path / "z2")]) == 0
-    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "z2")]) == 0
+    shown = capsys.readouterr().out
+    assert "zarr store" in shown and "model-00001-of-" in shown
     assert main(["convert", "zarr2hf", "--load-dir", src, "--save-dir", str(tmp_path / "no")] + args) == 2
     assert main(["convert", "hf2zarr", "--load-dir", src, "--save-dir", str(tmp_path / "z3"),
                  "--compression-level", "12"] + args) == 2
