@@ -9,6 +9,20 @@ from ..plan.plan import Plan
 from . import common, report
 
 
+# Directions added after hf2mcore/mcore2hf: name -> (help, flag adder, planner).  `plan NAME` and `convert NAME`
+# take the same flags.
+MORE_DIRECTIONS = {
+    "mcore2mcore": ("MindSpeed mcore -> mcore in another layout, in one pass (target flags as hf2mcore's)",
+                    common.add_mcore2mcore_flags, common.plan_mcore2mcore_from_args),
+    "hf2zarr": ("HF safetensors -> a chunked zarr v3 store (FP8 stays FP8) that hf2mcore reads directly",
+                common.add_hf2zarr_flags, common.plan_hf2zarr_from_args),
+    "mcore2zarr": ("MindSpeed mcore -> a zarr v3 store of the HF checkpoint mcore2hf would write",
+                   common.add_mcore2zarr_flags, common.plan_mcore2zarr_from_args),
+    "zarr2hf": ("a zarr store -> the HF safetensors checkpoint it was made from, byte for byte",
+                common.add_zarr2hf_flags, common.plan_zarr2hf_from_args),
+}
+
+
 def register(sub) -> None:
     p = sub.add_parser("plan", help="compile a conversion plan (JSON) without writing any checkpoint")
     psub = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
@@ -22,6 +36,12 @@ def register(sub) -> None:
     m.add_argument("--output", "-o", required=True, help="where to save the plan JSON")
     m.add_argument("--dry-run", action="store_true", help="print the plan's summary; do not save it")
     m.set_defaults(func=cmd_plan)
+    for name, (help_text, add_flags, _) in MORE_DIRECTIONS.items():
+        d = psub.add_parser(name, help=help_text)
+        add_flags(d)
+        d.add_argument("--output", "-o", required=True, help="where to save the plan JSON")
+        d.add_argument("--dry-run", action="store_true", help="print the plan's summary; do not save it")
+        d.set_defaults(func=cmd_plan)
     sp = psub.add_parser("split", help="cut a saved plan into N sub-plans, one per host (no scheduler needed)")
     sp.add_argument("plan", help="plan JSON written by `streamconv plan`")
     sp.add_argument("--hosts", type=int, required=True, metavar="N", help="number of parts (hosts)")
@@ -49,6 +69,12 @@ def register(sub) -> None:
     common.add_run_flags(cm)
     cm.add_argument("--plan-output", help="also save the plan JSON here")
     cm.set_defaults(func=cmd_convert)
+    for name, (help_text, add_flags, _) in MORE_DIRECTIONS.items():
+        d = csub.add_parser(name, help=help_text)
+        add_flags(d)
+        common.add_run_flags(d)
+        d.add_argument("--plan-output", help="also save the plan JSON here")
+        d.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", help="check written outputs: sizes, checksums, tensors re-derived from the source")
     v.add_argument("path", help="plan JSON (full checks), or a save dir written by streamconv (journal checks)")
@@ -65,6 +91,8 @@ def register(sub) -> None:
 
 
 def _plan_from_args(args) -> Plan:
+    if args.direction in MORE_DIRECTIONS:
+        return MORE_DIRECTIONS[args.direction][2](args)
     if args.direction == "mcore2hf":
         return common.plan_mcore2hf_from_args(args)
     return common.plan_hf2mcore_from_args(args)
@@ -202,14 +230,17 @@ def _inspect_file(path: str, fmt) -> str:
 
 
 def _inspect_hf(path: str, tensors: bool) -> str:
-    from ..plan.sources import HFSource
+    from ..plan.zarr_source import is_store, open_hf_source
 
-    src = HFSource(path)
+    src = open_hf_source(path)   # an HF directory, or a zarr store
+    # a store: by the HF shard its tensors came from (one array per tensor would be a row each)
+    origin = {n: s["file"] for s in getattr(src, "record", {}).get("shards", ()) for n in s["tensors"]}
     files: dict[str, list] = {}
     for name, (shard, info) in src.tensors.items():
-        files.setdefault(shard, []).append((name, info))
+        files.setdefault(origin.get(name, shard), []).append((name, info))
     rows = [(shard, len(items), report.human(sum(i.nbytes for _, i in items))) for shard, items in sorted(files.items())]
-    out = [f"HF checkpoint {src.root}", report.table(rows, ("file", "tensors", "bytes")),
+    out = [f"{'zarr store' if is_store(path) else 'HF checkpoint'} {src.root}",
+           report.table(rows, ("file", "tensors", "bytes")),
            f"total: {len(files)} files, {len(src.tensors)} tensors, "
            f"{report.human(sum(i.nbytes for _, i in src.tensors.values()))}"]
     if tensors:

@@ -27,8 +27,14 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def add_hf2mcore_flags(p: argparse.ArgumentParser) -> None:
     """MindSpeed-LLM's converter flags, so a user's script ports by changing the program name."""
-    p.add_argument("--load-dir", required=True, help="HF checkpoint directory (config.json, *.safetensors, index)")
+    p.add_argument("--load-dir", required=True,
+                   help="HF checkpoint directory (config.json, *.safetensors, index), or a zarr store (hf2zarr)")
     p.add_argument("--save-dir", required=True, help="directory the mcore checkpoint is written to")
+    add_target_flags(p)
+
+
+def add_target_flags(p: argparse.ArgumentParser) -> None:
+    """The mcore layout being written: sizes, layout flags, ``--save-args`` (hf2mcore's and mcore2mcore's)."""
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
     p.add_argument("--target-expert-parallel-size", type=int, default=1, metavar="EP")
@@ -55,21 +61,9 @@ def add_mcore2hf_flags(p: argparse.ArgumentParser) -> None:
     when it wrote the checkpoint (``streamconv_source.json``), else MindSpeed's defaults."""
     p.add_argument("--load-dir", required=True, help="mcore checkpoint directory (latest_checkpointed_iteration.txt)")
     p.add_argument("--save-dir", required=True, help="directory the HF safetensors checkpoint is written to")
-    p.add_argument("--hf-config", "--hf-cfg-dir", dest="hf_config", metavar="DIR", default=None,
-                   help="HF model directory whose config.json (and tokenizer files) describe the model "
-                        "(default: the config recorded by streamconv hf2mcore)")
-    p.add_argument("--iteration", default=None, help="iteration to convert (default: the tracker file's)")
-    p.add_argument("--source-tensor-parallel-size", type=int, default=None, metavar="TP")
-    p.add_argument("--source-pipeline-parallel-size", type=int, default=None, metavar="PP")
-    p.add_argument("--source-expert-parallel-size", type=int, default=None, metavar="EP")
-    add_layout_flags(p, recorded=True)
+    add_mcore_source_flags(p)
     p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                    help="shard by size (e.g. 5GB); default: one file per layer")
-    p.add_argument("--verify-replicas", dest="verify_replicas", action="store_true", default=None,
-                   help="compare every TP/EP copy of replicated tensors before writing (default: on when the "
-                        "copies total at most 8 GiB)")
-    p.add_argument("--no-verify-replicas", dest="verify_replicas", action="store_false",
-                   help="read replicated tensors from the first rank file without comparing the copies")
     p.add_argument("--fp8-export", action="store_true",
                    help="write linear weights in DeepSeek's FP8 release format (128x128 block scales)")
     p.add_argument("--fp8-scales-from", metavar="HF_DIR", default=None,
@@ -98,14 +92,97 @@ def add_lora_flags(p: argparse.ArgumentParser) -> None:
     add_nf4_layout_flag(p)
 
 
-def add_layout_flags(p: argparse.ArgumentParser, recorded: bool = False) -> None:
-    """The model flags that change the mcore layout.  ``recorded``: no defaults (None = not given)."""
+def add_mcore_source_flags(p: argparse.ArgumentParser, layout_prefix: str = "") -> None:
+    """What describes an mcore checkpoint being read: its model config, iteration, parallel sizes and layout
+    flags (``layout_prefix`` "source-": ``--source-moe-grouped-gemm`` ..., for mcore2mcore, whose unprefixed
+    layout flags describe the target), and the replica check.  Left out: the record's values."""
+    p.add_argument("--hf-config", "--hf-cfg-dir", dest="hf_config", metavar="DIR", default=None,
+                   help="HF model directory whose config.json (and tokenizer files) describe the model "
+                        "(default: the config recorded by streamconv hf2mcore)")
+    p.add_argument("--iteration", default=None, help="iteration to convert (default: the tracker file's)")
+    p.add_argument("--source-tensor-parallel-size", type=int, default=None, metavar="TP")
+    p.add_argument("--source-pipeline-parallel-size", type=int, default=None, metavar="PP")
+    p.add_argument("--source-expert-parallel-size", type=int, default=None, metavar="EP")
+    add_layout_flags(p, recorded=True, prefix=layout_prefix)
+    p.add_argument("--verify-replicas", dest="verify_replicas", action="store_true", default=None,
+                   help="compare every TP/EP copy of replicated tensors before writing (default: on when the "
+                        "copies total at most 8 GiB)")
+    p.add_argument("--no-verify-replicas", dest="verify_replicas", action="store_false",
+                   help="read replicated tensors from the first rank file without comparing the copies")
+
+
+def add_mcore2mcore_flags(p: argparse.ArgumentParser) -> None:
+    """Source: as mcore2hf reads a checkpoint (record, else ``--source-...`` flags); target: exactly hf2mcore's
+    flags."""
+    p.add_argument("--load-dir", required=True, help="mcore checkpoint directory (latest_checkpointed_iteration.txt)")
+    p.add_argument("--save-dir", required=True, help="directory the resharded mcore checkpoint is written to")
+    add_mcore_source_flags(p, layout_prefix="source-")
+    add_target_flags(p)
+
+
+def add_store_flags(p: argparse.ArgumentParser) -> None:
+    """How a zarr store is written (hf2zarr, mcore2zarr)."""
+    p.add_argument("--compressor", choices=["none", "zstd", "blosc"], default="none",
+                   help="inner chunk compression (default none: bf16 weights compress little; see "
+                        "docs/performance.md)")
+    p.add_argument("--compression-level", type=int, default=3, metavar="N", help="zstd/blosc level 1-9 (default 3)")
+    p.add_argument("--chunk-edge", type=int, default=None, metavar="N",
+                   help="chunk rows and the column granule (default: the model's FP8 block edge, 128)")
+
+
+def add_hf2zarr_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load-dir", required=True, help="HF checkpoint directory (or a zarr store to re-chunk)")
+    p.add_argument("--save-dir", required=True, help="directory the zarr store is written to (the store's root)")
+    add_store_flags(p)
+
+
+def add_mcore2zarr_flags(p: argparse.ArgumentParser) -> None:
+    """mcore2hf's flags (the HF checkpoint the store holds: shards, FP8 export) and the store's."""
+    add_mcore2hf_flags(p)
+    add_store_flags(p)
+
+
+def add_zarr2hf_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load-dir", required=True, help="zarr store written by hf2zarr or mcore2zarr")
+    p.add_argument("--save-dir", required=True, help="directory the HF checkpoint is written to")
+
+
+def store_options(args):
+    from ..plan.zarr_plans import StoreOptions
+
+    return StoreOptions(compressor=args.compressor, level=args.compression_level, chunk_edge=args.chunk_edge)
+
+
+def plan_hf2zarr_from_args(args):
+    from ..plan.zarr_plans import plan_hf_to_zarr
+
+    return plan_hf_to_zarr(args.load_dir, args.save_dir, store_options(args))
+
+
+def plan_mcore2zarr_from_args(args):
+    from ..plan.zarr_plans import plan_mcore_to_zarr
+
+    return plan_mcore_to_zarr(plan_mcore2hf_from_args(args), args.save_dir, store_options(args))
+
+
+def plan_zarr2hf_from_args(args):
+    from ..plan.zarr_plans import plan_zarr_to_hf
+
+    return plan_zarr_to_hf(args.load_dir, args.save_dir)
+
+
+def add_layout_flags(p: argparse.ArgumentParser, recorded: bool = False, prefix: str = "") -> None:
+    """The model flags that change the mcore layout.  ``recorded``: no defaults (None = not given).  ``prefix``:
+    spelled ``--<prefix>moe-grouped-gemm`` ... (a second layout in one command; no ``--model-type-hf`` then)."""
     def default(value):
         return None if recorded else value
 
-    p.add_argument("--model-type-hf", default=None, metavar="NAME",
-                   help="MindSpeed-LLM's family name (deepseek3, deepseek32, qwen3-moe); optional: config.json's "
-                        "model_type decides, and a different name is an error")
+    if not prefix:
+        p.add_argument("--model-type-hf", default=None, metavar="NAME",
+                       help="MindSpeed-LLM's family name (deepseek3, deepseek32, qwen3-moe); optional: config.json's "
+                            "model_type decides, and a different name is an error")
+    else:
+        p = _Prefixed(p, prefix)
     flag = "store_true"
     p.add_argument("--moe-grouped-gemm", action=flag, default=default(False),
                    help="routed experts as grouped-GEMM weight1/weight2 (what DeepSeek-V3 scripts train with)")
@@ -132,6 +209,16 @@ def add_layout_flags(p: argparse.ArgumentParser, recorded: bool = False) -> None
                    help="legacy: linear_qb/linear_kvb/k_layernorm (checkpoints made before 2025-07-23)")
 
 
+class _Prefixed:
+    """``add_argument`` with every ``--flag`` spelled ``--<prefix>flag`` (and its dest likewise)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, prefix: str):
+        self.parser, self.prefix = parser, prefix
+
+    def add_argument(self, *names: str, **kwargs):
+        return self.parser.add_argument(*("--" + self.prefix + n[2:] for n in names), **kwargs)
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", type=parse_size, default="1GiB",
                    help="bound on bytes in flight (default 1GiB); peak RSS is about this plus ~0.4 GB; with "
@@ -155,30 +242,32 @@ def run_options(args):
 
 
 def plan_hf2mcore_from_args(args):
-    from ..layout.parallel import ParallelSizes
     from ..plan.planner import plan_hf_to_mcore
 
-    sizes = ParallelSizes(args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                          args.target_expert_parallel_size)
-    return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, _options_from_args(args),
+    sizes, options = target_layout(args)
+    return plan_hf_to_mcore(args.load_dir, args.save_dir, sizes, options,
                             model_type_hf=args.model_type_hf, save_args=args.save_args,
                             qlora_nf4=(args.nf4_layout or "npu") if args.qlora_nf4 else None)
 
 
-def _options_from_args(args, recorded: dict | None = None):
-    """McoreOptions from the flags; with ``recorded`` (an hf2mcore record), flags not given take its values."""
+def _options_from_args(args, recorded: dict | None = None, prefix: str = ""):
+    """McoreOptions from the flags (``prefix``: their dests' prefix, "source_"); with ``recorded`` (an hf2mcore
+    record), flags not given take its values."""
     from ..layout.options import McoreOptions
 
+    def arg(name):
+        return getattr(args, prefix + name)
+
     given = {
-        "moe_grouped_gemm": args.moe_grouped_gemm, "mtp_num_layers": args.mtp_num_layers,
-        "num_layers": args.num_layers, "first_k_dense_replace": args.first_k_dense_replace,
-        "vpp_layers": args.num_layers_per_virtual_pipeline_stage,
-        "noop_layers": tuple(args.noop_layers) if args.noop_layers is not None else None,
-        "num_layer_list": args.num_layer_list,
-        "dualpipev": True if args.schedules_method == "dualpipev" else None,
-        "moe_tp_extend_ep": args.moe_tp_extend_ep,
-        "expert_tensor_parallel_size": args.expert_tensor_parallel_size,
-        "mla_mm_split": args.mla_mm_split, "mla_key_names": args.mla_key_names,
+        "moe_grouped_gemm": arg("moe_grouped_gemm"), "mtp_num_layers": arg("mtp_num_layers"),
+        "num_layers": arg("num_layers"), "first_k_dense_replace": arg("first_k_dense_replace"),
+        "vpp_layers": arg("num_layers_per_virtual_pipeline_stage"),
+        "noop_layers": tuple(arg("noop_layers")) if arg("noop_layers") is not None else None,
+        "num_layer_list": arg("num_layer_list"),
+        "dualpipev": True if arg("schedules_method") == "dualpipev" else None,
+        "moe_tp_extend_ep": arg("moe_tp_extend_ep"),
+        "expert_tensor_parallel_size": arg("expert_tensor_parallel_size"),
+        "mla_mm_split": arg("mla_mm_split"), "mla_key_names": arg("mla_key_names"),
     }
     base = dict(McoreOptions().__dict__)
     if recorded is not None:
@@ -187,10 +276,11 @@ def _options_from_args(args, recorded: dict | None = None):
     return McoreOptions(**base)
 
 
-def plan_mcore2hf_from_args(args):
+def mcore_source_layout(args, prefix: str = ""):
+    """``(sizes, options)`` of the mcore checkpoint at ``--load-dir``: the flags given, else what streamconv
+    recorded next to it (``streamconv_source.json``), else MindSpeed's ``args`` in its rank files."""
     from ..layout.parallel import ParallelSizes
-    from ..plan.lora import LoraOptions
-    from ..plan.mcore2hf import ExportOptions, plan_mcore_to_hf, read_record
+    from ..plan.mcore2hf import read_record
 
     layout = read_record(args.load_dir).get("layout") or args_layout(args.load_dir, args.iteration)
     rec_sizes = layout.get("sizes") or {}
@@ -198,9 +288,16 @@ def plan_mcore2hf_from_args(args):
         ("tp", args.source_tensor_parallel_size), ("pp", args.source_pipeline_parallel_size),
         ("ep", args.source_expert_parallel_size))))
     recorded = dict(layout.get("options") or {}) if layout else None
-    if recorded and args.schedules_method == "dualpipev":
+    if recorded and getattr(args, prefix + "schedules_method") == "dualpipev":
         recorded.pop("vpp_layers", None)  # MindSpeed's args give dualpipev's two chunks as a VPP size
-    options = _options_from_args(args, recorded)
+    return sizes, _options_from_args(args, recorded, prefix)
+
+
+def plan_mcore2hf_from_args(args):
+    from ..plan.lora import LoraOptions
+    from ..plan.mcore2hf import ExportOptions, plan_mcore_to_hf
+
+    sizes, options = mcore_source_layout(args)
     export = ExportOptions(max_shard_size=args.max_shard_size, verify_replicas=args.verify_replicas,
                            fp8_export=args.fp8_export, fp8_scales_from=args.fp8_scales_from)
     lora = LoraOptions(r=args.lora_r, alpha=args.lora_alpha,
@@ -209,6 +306,26 @@ def plan_mcore2hf_from_args(args):
                        nf4_layout=args.nf4_layout)
     return plan_mcore_to_hf(args.load_dir, args.save_dir, sizes, options, export, hf_config_dir=args.hf_config,
                             iteration=args.iteration, model_type_hf=args.model_type_hf, lora=lora)
+
+
+def target_layout(args):
+    """``(sizes, options)`` of the mcore checkpoint to write (hf2mcore's flags)."""
+    from ..layout.parallel import ParallelSizes
+
+    sizes = ParallelSizes(args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+                          args.target_expert_parallel_size)
+    return sizes, _options_from_args(args)
+
+
+def plan_mcore2mcore_from_args(args):
+    from ..plan.mcore2mcore import plan_mcore_to_mcore
+
+    sizes, options = mcore_source_layout(args, prefix="source_")
+    target_sizes, target_options = target_layout(args)
+    return plan_mcore_to_mcore(args.load_dir, args.save_dir, sizes, options, target_sizes, target_options,
+                               hf_config_dir=args.hf_config, iteration=args.iteration,
+                               model_type_hf=args.model_type_hf, save_args=args.save_args,
+                               verify_replicas=args.verify_replicas)
 
 
 def args_layout(load_dir: str, iteration: str | None) -> dict:

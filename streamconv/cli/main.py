@@ -5,6 +5,8 @@
     streamconv plan     mcore2hf --load-dir MCORE --save-dir HF -o plan.json  ... and the way back
     streamconv run      plan.json                                          execute a saved plan
     streamconv convert  hf2mcore|mcore2hf --load-dir A --save-dir B ...    plan and run in one step
+    streamconv convert  mcore2mcore --load-dir MCORE --save-dir OUT --target-...   reshard in one pass
+    streamconv convert  hf2zarr|mcore2zarr|zarr2hf --load-dir A --save-dir B   chunked zarr v3 stores
     streamconv convert  --load-model-type hf --save-model-type mg ...      the same, in convert_ckpt_v2.py's words
     streamconv verify   plan.json | SAVE_DIR [--rederive K]              checksums; tensors re-derived
     streamconv inspect  plan.json | HF_DIR | MCORE_DIR | DATASET_PREFIX    tables of files, tensors, bytes
@@ -46,7 +48,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 # MindSpeed-LLM's convert_ckpt_v2.py names a direction by two flags; ours by a word.
-V2_DIRECTIONS = {("hf", "mg"): "hf2mcore", ("mg", "hf"): "mcore2hf"}
+V2_DIRECTIONS = {("hf", "mg"): "hf2mcore", ("mg", "hf"): "mcore2hf", ("mg", "mg"): "mcore2mcore"}
 
 
 def v2_synonym(argv: list[str]) -> list[str]:
@@ -72,8 +74,9 @@ def v2_synonym(argv: list[str]) -> list[str]:
     pair = (given.get("--load-model-type"), given.get("--save-model-type"))
     if pair not in V2_DIRECTIONS:
         raise StreamconvError(f"--load-model-type {pair[0]} --save-model-type {pair[1]}: streamconv converts hf -> "
-                              f"mg and mg -> hf (give both flags, or the direction word hf2mcore / mcore2hf).")
-    if rest and rest[0] in ("hf2mcore", "mcore2hf"):
+                              f"mg, mg -> hf and mg -> mg (give both flags, or the direction word hf2mcore / mcore2hf "
+                              f"/ mcore2mcore).")
+    if rest and rest[0] in V2_DIRECTIONS.values():
         if rest[0] != V2_DIRECTIONS[pair]:
             raise StreamconvError(f"{rest[0]} contradicts --load-model-type {pair[0]} --save-model-type {pair[1]}.")
         rest = rest[1:]

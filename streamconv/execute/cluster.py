@@ -38,7 +38,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from ..errors import ExecutionError, StreamconvError
+from ..errors import ExecutionError
 from ..plan.plan import Plan
 from ..plan.split import Group, group_files, imbalance, sub_plan
 from ..storage import fileio

@@ -42,7 +42,7 @@ import dask
 from dask.callbacks import Callback
 
 from ..errors import ExecutionError, StreamconvError, ValidationError
-from ..graph.node import Node, Op, toposort
+from ..graph.node import READS, Node, Op, toposort
 from ..graph.rewrite import narrow, push_slices
 from ..plan.plan import OutputFile, Plan
 from ..plan.split import PartInfo, part_of, tensor_files
@@ -240,8 +240,8 @@ def _to_make(root: Node, made: dict[str, int], wave: int) -> list[Node]:
 
 # --- task functions (module level: picklable for dask.distributed) -------------------------------------------------
 
-def _read_after(root: str, arg, _barrier) -> object:
-    return run_node(root, Op.READ, arg)
+def _read_after(root: str, op: Op, arg, _barrier) -> object:
+    return run_node(root, op, arg)
 
 
 def _write(fmt: str, path: str, layout, index: int, offset: int, value, _created):
@@ -316,8 +316,8 @@ def build_graph(plan: Plan, opts: RunOptions, *, skip: frozenset[str] = frozense
         s = scheduled[i]
         by_wave.setdefault(s.wave, []).append(wkey)
         for key, n, srcs in s.tasks:
-            if n.op is Op.READ and s.wave >= 2:
-                dsk[key] = (_read_after, root, n.arg, ("wave", s.wave - 2))
+            if n.op in READS and s.wave >= 2:
+                dsk[key] = (_read_after, root, n.op, n.arg, ("wave", s.wave - 2))
             else:
                 dsk[key] = (run_node, root, n.op, n.arg) + srcs
         dsk[wkey] = (_write, f.format, target(f), layouts[p.file], p.index, p.offset, s.value,

@@ -14,9 +14,10 @@ import torch
 from .. import types
 from ..errors import GraphError
 from ..graph.lora_ops import MergeLoraArg, NF4Arg, NF4NestedArg, NF4ScalesArg, NF4StateArg, NF4TableArg
-from ..graph.node import (BlockScaleArg, CastArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg,
-                          TransposeArg, ViewArg)
+from ..graph.node import (BlockScaleArg, CastArg, CatArg, ChunkedReadArg, DequantArg, Node, Op, QuantArg, ReadArg,
+                          SliceArg, TransposeArg, ViewArg)
 from ..storage import fileio
+from ..storage.registry import get_format
 from ..storage.safetensors import bytes_to_tensor
 from . import copy as fastcopy
 from . import lora, nf4, quant
@@ -38,6 +39,11 @@ def read_kernel(root: str, a: ReadArg, out: torch.Tensor | None = None) -> torch
     finally:
         os.close(fd)
     return out
+
+
+def read_chunked_kernel(root: str, a: ChunkedReadArg) -> torch.Tensor:
+    """The format object reads the hypercube (the executor does not know which format it reads)."""
+    return get_format(a.format).read_region(os.path.join(root, a.file), a.dtype, a.shape, a.offsets, a.lengths)
 
 
 def _slice(a: SliceArg, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +140,8 @@ def run_node(root: str, node_op: Op, arg, *srcs: torch.Tensor) -> torch.Tensor:
     """Compute one node from its sources' values (the task function of the Dask executor)."""
     if node_op is Op.READ:
         return read_kernel(root, arg)
+    if node_op is Op.READ_CHUNKED:
+        return read_chunked_kernel(root, arg)
     return KERNELS[node_op](arg, *srcs)
 
 

@@ -9,9 +9,9 @@ Shapes and dtypes are inferred when a node is built, without data; :attr:`Node.k
 equal sub-graphs have equal keys (Dask task names, caches).  :mod:`.codec` turns graphs into JSON and back.
 """
 
-from .node import (Node, Op, cast, cat, dequant_fp8_block, fp8_block_scale, quant_fp8_block, read, slice_, transpose,
-                   view)
+from .node import (Node, Op, cast, cat, dequant_fp8_block, fp8_block_scale, quant_fp8_block, read, read_chunked,
+                   slice_, transpose, view)
 from .rewrite import narrow
 
-__all__ = ["Node", "Op", "read", "slice_", "cat", "view", "transpose", "cast", "dequant_fp8_block",
+__all__ = ["Node", "Op", "read", "read_chunked", "slice_", "cat", "view", "transpose", "cast", "dequant_fp8_block",
            "fp8_block_scale", "quant_fp8_block", "narrow"]

@@ -40,6 +40,10 @@ class Op(str, Enum):
     NF4_STATE = "nf4_state"                  # the packed quant-state JSON (uint8), padded to a fixed width
     NF4_SCALES = "nf4_scales"                # block absmax back from the double quantization (float32)
     NF4_DEQUANT = "nf4_dequant"              # NF4 codes * block absmax -> dtype [rows, cols]
+    READ_CHUNKED = "read_chunked"    # a hypercube of a tensor stored in chunks (zarr), read by its format object
+
+
+READS = frozenset({Op.READ, Op.READ_CHUNKED})   # the ops that touch source files (no sources of their own)
 
 
 # --- argument types -------------------------------------------------------------------------------------------
@@ -58,6 +62,22 @@ class ReadArg:
     shape: Shape
     offset: int
     rows: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ChunkedReadArg:
+    """Elements ``[offsets, offsets + lengths)`` of tensor ``tensor``, stored in chunks at ``file`` (relative to
+    the source root: a zarr array's directory) in the registered format ``format``, whose ``read_region`` reads
+    exactly the chunks the hypercube overlaps.  ``shape`` is the stored tensor's full shape, so a restriction
+    on any dim is again one of these reads (see ``graph.rewrite``)."""
+
+    file: str
+    tensor: str
+    format: str
+    dtype: str
+    shape: Shape
+    offsets: Shape
+    lengths: Shape
 
 
 @dataclass(frozen=True)
@@ -143,6 +163,7 @@ ARG_TYPES: dict[Op, type] = {
     Op.DEQUANT_FP8_BLOCK: DequantArg,
     Op.FP8_BLOCK_SCALE: BlockScaleArg,
     Op.QUANT_FP8_BLOCK: QuantArg,
+    Op.READ_CHUNKED: ChunkedReadArg,
 }
 
 
@@ -232,6 +253,19 @@ def _rule_read(src, a: ReadArg):
     if not 0 <= r0 <= r1 <= a.shape[0]:
         raise _fail(Op.READ, f"rows {a.rows} outside [0, {a.shape[0]}]", src, a)
     return a.dtype, (r1 - r0,) + tuple(a.shape[1:])
+
+
+def _rule_read_chunked(src, a: ChunkedReadArg):
+    if src:
+        raise _fail(Op.READ_CHUNKED, "takes no sources", src, a)
+    if a.dtype not in types.DTYPES:
+        raise _fail(Op.READ_CHUNKED, f"unknown dtype {a.dtype!r}", src, a)
+    if len(a.offsets) != len(a.shape) or len(a.lengths) != len(a.shape):
+        raise _fail(Op.READ_CHUNKED, "offsets/lengths must give one entry per dim of shape", src, a)
+    for o, n, size in zip(a.offsets, a.lengths, a.shape):
+        if o < 0 or n < 0 or o + n > size:
+            raise _fail(Op.READ_CHUNKED, f"range [{o}, {o + n}) outside [0, {size}]", src, a)
+    return a.dtype, tuple(a.lengths)
 
 
 def _rule_slice(src, a: SliceArg):
@@ -356,6 +390,7 @@ RULES: dict[Op, Callable] = {
     Op.DEQUANT_FP8_BLOCK: _rule_dequant,
     Op.FP8_BLOCK_SCALE: _rule_block_scale,
     Op.QUANT_FP8_BLOCK: _rule_quant,
+    Op.READ_CHUNKED: _rule_read_chunked,
 }
 
 
@@ -375,6 +410,15 @@ def read(file: str, tensor: str, dtype: str, shape: Shape, *, offset: int,
     if rows is None:
         rows = (0, shape[0]) if shape else (0, 1)
     return make(Op.READ, (), ReadArg(file, tensor, dtype, shape, offset, tuple(rows)))
+
+
+def read_chunked(file: str, tensor: str, fmt: str, dtype: str, shape: Shape, *, offsets: Shape | None = None,
+                 lengths: Shape | None = None) -> Node:
+    """A chunked tensor (the whole of it unless ``offsets``/``lengths`` say which hypercube)."""
+    shape = tuple(shape)
+    offsets = (0,) * len(shape) if offsets is None else tuple(offsets)
+    lengths = shape if lengths is None else tuple(lengths)
+    return make(Op.READ_CHUNKED, (), ChunkedReadArg(file, tensor, fmt, dtype, shape, offsets, lengths))
 
 
 def slice_(x: Node, offsets: Shape, lengths: Shape) -> Node:

@@ -8,6 +8,7 @@ unrestricted node, which keeps its content key, so all bands share one materiali
 
 Rules, one per op (``_RULES``):
 1. read, dim 0      -> a read of fewer rows (one contiguous positional read)
+   read_chunked     -> a read of the smaller hypercube, any dim (the format reads only the chunks it overlaps)
 2. slice            -> compose the ranges and narrow the source along every restricted dim
 3. cat, same dim    -> only the overlapping parts, each narrowed; other dim -> narrow every part
 4. cast             -> cast of the narrowed source
@@ -32,8 +33,9 @@ import math
 
 from .. import types
 from .lora_ops import MergeLoraArg, NF4Arg, merge_lora, nf4_absmax, nf4_dequant, nf4_quant
-from .node import (BlockScaleArg, CatArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg, TransposeArg, ViewArg,
-                   cast, cat, dequant_fp8_block, fp8_block_scale, make, narrow_dim, quant_fp8_block, read, transpose, view)
+from .node import (BlockScaleArg, CatArg, ChunkedReadArg, DequantArg, Node, Op, QuantArg, ReadArg, SliceArg,
+                   TransposeArg, ViewArg, cast, cat, dequant_fp8_block, fp8_block_scale, make, narrow_dim,
+                   quant_fp8_block, read, read_chunked, transpose, view)
 
 
 def narrow(x: Node, dim: int, start: int, stop: int) -> Node:
@@ -53,6 +55,14 @@ def _read(x: Node, dim, start, stop):
         return None
     r0 = a.rows[0]
     return read(a.file, a.tensor, a.dtype, a.shape, offset=a.offset, rows=(r0 + start, r0 + stop))
+
+
+def _read_chunked(x: Node, dim, start, stop):
+    a: ChunkedReadArg = x.arg
+    offsets, lengths = list(a.offsets), list(a.lengths)
+    offsets[dim] += start
+    lengths[dim] = stop - start
+    return read_chunked(a.file, a.tensor, a.format, a.dtype, a.shape, offsets=offsets, lengths=lengths)
 
 
 def _slice(x: Node, dim, start, stop):
@@ -237,6 +247,7 @@ _RULES = {
     Op.NF4_ABSMAX: _nf4_absmax,
     Op.NF4_QUANT: _nf4_quant,
     Op.NF4_DEQUANT: _nf4_dequant,
+    Op.READ_CHUNKED: _read_chunked,
 }
 
 

@@ -256,19 +256,23 @@ def _expected_layout(spec: ModelSpec, cfg, sizes, options):
     return expected, [c for c in copies.values() if len(c) > 1]
 
 
-def _replica_checks(inv: Inventory, ranks: MergedRanks, replicas, verify: bool | None) -> tuple[ReplicaCheck, ...]:
-    """Copies of replicated base weights (as stored: NF4 codes, type-1 base_layer), and of their LoRA factors."""
-    src = inv.main
-    extra = sum(ranks.stored(r, g, n).nbytes for copies in replicas for r, g, n in copies[1:])
+def replica_checks(replicas, stored, rel, verify: bool | None) -> list[ReplicaCheck] | None:
+    """One check per group of copies (``stored(rank, group, name)`` gives a copy's read, ``rel(rank)`` its file);
+    None when checking is off: ``verify`` False, or None and the extra copies exceed AUTO_VERIFY_BYTES."""
+    extra = sum(stored(r, g, n).nbytes for copies in replicas for r, g, n in copies[1:])
     if verify is None:
         verify = extra <= AUTO_VERIFY_BYTES
     if not verify:
-        return ()
-    checks = [ReplicaCheck(f"{copies[0][1]}.{copies[0][2]}", tuple(ranks.stored(r, g, n) for r, g, n in copies),
-                           tuple(src.rel(r) + (f" [{g}.{n}]" if (g, n) != copies[0][1:] else "")
-                                 for r, g, n in copies))
-              for copies in replicas]
-    return tuple(checks + _factor_checks(inv, replicas))
+        return None
+    return [ReplicaCheck(f"{copies[0][1]}.{copies[0][2]}", tuple(stored(r, g, n) for r, g, n in copies),
+                         tuple(rel(r) + (f" [{g}.{n}]" if (g, n) != copies[0][1:] else "") for r, g, n in copies))
+            for copies in replicas]
+
+
+def _replica_checks(inv: Inventory, ranks: MergedRanks, replicas, verify: bool | None) -> tuple[ReplicaCheck, ...]:
+    """Copies of replicated base weights (as stored: NF4 codes, type-1 base_layer), and of their LoRA factors."""
+    checks = replica_checks(replicas, ranks.stored, inv.main.rel, verify)
+    return () if checks is None else tuple(checks + _factor_checks(inv, replicas))
 
 
 def _factor_checks(inv: Inventory, replicas) -> list[ReplicaCheck]:

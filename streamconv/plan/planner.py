@@ -13,8 +13,8 @@ from dataclasses import asdict
 
 from ..errors import ValidationError
 from ..layout.options import McoreOptions
-from ..layout.parallel import ParallelSizes, iter_dir, rank_dir
-from ..mapping.assemble import build_rank_tensors, placement
+from ..layout.parallel import ParallelSizes, RankFile, iter_dir, rank_dir
+from ..mapping.assemble import TargetTensor, build_rank_tensors, placement
 from ..mapping.spec import ModelSpec
 from ..models import model_for_config
 from .mcore2hf import RECORD, record_text
@@ -22,6 +22,7 @@ from .plan import Dropped, OutputFile, OutputTensor, Plan
 from .qlora import quantize_ranks
 from .sources import HFSource
 from .trust import check_disjoint
+from .zarr_source import open_hf_source
 
 ITERATION = 1
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -34,6 +35,7 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
                      qlora_nf4: str | None = None) -> Plan:
     """Compile an HF checkpoint -> MindSpeed mcore (legacy torch format) conversion plan.  The model family
     comes from config.json's ``model_type`` (checked against MindSpeed's ``--model-type-hf`` when given).
+    ``load_dir`` is an HF directory or a zarr store (``hf2zarr``): the plan reads the same tensors either way.
 
     ``save_args``: every rank file also holds the ``args`` namespace MindSpeed's own mg -> hf reads back
     (loading it with ``torch.load(weights_only=True)`` then needs ``add_safe_globals([argparse.Namespace])``).
@@ -47,7 +49,7 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     :mod:`streamconv.plan.qlora`)."""
     if ranks is None:  # a partial plan is the loader's, held in memory (running one is still audited for overlap)
         check_disjoint(save_dir, [("--load-dir", load_dir)])
-    src = HFSource(load_dir)
+    src = open_hf_source(load_dir)   # an HF directory, or a zarr store written by hf2zarr
     cfg_json = src.config()
     cfg_path = os.path.join(src.root, "config.json")
     spec = model_for_config(cfg_json, cfg_path, model_type_hf=model_type_hf)
@@ -57,34 +59,13 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
     per_rank = build_rank_tensors(spec, cfg, sizes, options, src, ranks)  # validates flags against the model first
     if qlora_nf4 is not None:
         per_rank = quantize_ranks(spec, per_rank, qlora_nf4)
-    p = placement(spec, cfg, sizes, options)
-    groups = p.layout.groups()
-    attrs: tuple = (("checkpoint_version", 3.0), ("iteration", ITERATION))
-    if save_args:
-        attrs += (("args", mindspeed_args(spec, cfg, sizes, options, p.layout.num_layers)),)
     leftover = src.unaccounted() if ranks is None else []
     if leftover:
         raise ValidationError([f"{n}: present in the source but consumed by no output and not declared "
                                f"dropped. This is a bug in the model table; please report it." for n in leftover])
-
-    # Write order: stage by stage, key position by key position.  The same key position in every rank
-    # file of a stage gets the same number: those tensors are replicas or TP/EP slices of the same source
-    # tensors, and the executor writes them band by band together, so a shared source is read once and
-    # released at once.
-    order = sorted({(r.pp_rank, pos) for r, tensors in per_rank.items() for pos in range(len(tensors))})
-    seq_of = {g: i for i, g in enumerate(order)}
-    files: list[OutputFile] = []
-    for r, tensors in per_rank.items():
-        path = f"{iter_dir(ITERATION)}/{rank_dir(r, sizes)}/{RANK_FILE}"
-        out = tuple(OutputTensor(t.group, t.name, t.node, seq_of[(r.pp_rank, pos)])
-                    for pos, t in enumerate(tensors))
-        _check_unique(path, out)
-        files.append(OutputFile(path, "megatron_pt", out, attrs=attrs, groups=groups))
     qlora = {"nf4_layout": qlora_nf4} if qlora_nf4 is not None else None
-    if ranks is None:
-        # The HF config and the layout, so that mcore -> HF needs neither --hf-config nor the layout flags.
-        files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options, qlora)))
-        files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
+    files = mcore_files(spec, cfg, cfg_json, sizes, options, per_rank, save_args=save_args, qlora=qlora,
+                        partial=ranks is not None)
     planned = {"target": asdict(sizes), "model": asdict(options), "model_type": spec.name,
                **({"qlora_nf4": qlora_nf4} if qlora_nf4 is not None else {})}
     if ranks is not None:
@@ -100,6 +81,37 @@ def plan_hf_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options
         # JSON-native (tuples as lists), so a plan equals itself read back from its file
         options=json.loads(json.dumps(planned)),
     )
+
+
+def mcore_files(spec: ModelSpec, cfg, cfg_json: dict, sizes: ParallelSizes, options: McoreOptions,
+                per_rank: dict[RankFile, list[TargetTensor]], *, save_args: bool = False, qlora: dict | None = None,
+                partial: bool = False) -> list[OutputFile]:
+    """The files of an mcore checkpoint holding ``per_rank`` (from :func:`build_rank_tensors`): the rank files,
+    the record mcore2hf reads (``cfg_json``, the HF config of the model, and the layout), the tracker last;
+    ``partial`` (some ranks only): the rank files alone, so such a plan never looks like a whole checkpoint."""
+    p = placement(spec, cfg, sizes, options)
+    groups = p.layout.groups()
+    attrs: tuple = (("checkpoint_version", 3.0), ("iteration", ITERATION))
+    if save_args:
+        attrs += (("args", mindspeed_args(spec, cfg, sizes, options, p.layout.num_layers)),)
+    # Write order: stage by stage, key position by key position.  The same key position in every rank
+    # file of a stage gets the same number: those tensors are replicas or TP/EP slices of the same source
+    # tensors, and the executor writes them band by band together, so a shared source is read once and
+    # released at once.
+    order = sorted({(r.pp_rank, pos) for r, tensors in per_rank.items() for pos in range(len(tensors))})
+    seq_of = {g: i for i, g in enumerate(order)}
+    files: list[OutputFile] = []
+    for r, tensors in per_rank.items():
+        path = f"{iter_dir(ITERATION)}/{rank_dir(r, sizes)}/{RANK_FILE}"
+        out = tuple(OutputTensor(t.group, t.name, t.node, seq_of[(r.pp_rank, pos)])
+                    for pos, t in enumerate(tensors))
+        _check_unique(path, out)
+        files.append(OutputFile(path, "megatron_pt", out, attrs=attrs, groups=groups))
+    if not partial:
+        # The HF config and the layout, so that mcore -> HF needs neither --hf-config nor the layout flags.
+        files.append(OutputFile(RECORD, "text", text=record_text(cfg_json, sizes, options, qlora)))
+        files.append(OutputFile(TRACKER, "text", text=str(ITERATION)))  # written last: marks the checkpoint done
+    return files
 
 
 def mindspeed_args(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptions, slots: int) -> argparse.Namespace:

@@ -69,10 +69,18 @@ def audit(plan: Plan) -> list[str]:
             continue
         path = os.path.join(root, s.name)
         try:
+            size = os.path.getsize(path)
+            if size != s.size:
+                problems.append(f"{path}: changed since the plan was made (size {size}, planned {s.size}). "
+                                f"Re-create the plan.")
+                continue
             fmt = format_of_file(path)
             if fmt is None or fmt.is_text:
-                problems.append(f"{path}: source file named by the plan is not a tensor file of a known format. "
-                                f"Re-create the plan.")
+                # a metadata document (a zarr array's zarr.json): no tensors to index, its size and digest must hold
+                digest = fmt.digest(path) if fmt is not None else ""
+                if digest != s.header_sha256:
+                    problems.append(f"{path}: changed since the plan was made (size {size}, planned {s.size}). "
+                                    f"Re-create the plan.")
                 continue
             index = fmt.index(path)
         except FileNotFoundError:
@@ -112,7 +120,14 @@ def overlap_problems(plan: Plan) -> list[str]:
 def _read_problems(plan: Plan, listed: set[str], indexes: dict) -> list[str]:
     roots = [t.node for f in plan.files for t in f.tensors] + [n for c in plan.checks for n in c.nodes]
     problems = []
+    dirs = {posixpath.dirname(name) for name in listed}
     for node in toposort(roots):
+        if node.op is Op.READ_CHUNKED:  # a chunked array (a directory): its files must be listed sources
+            a = node.arg
+            if not safe_name(a.file) or a.file not in dirs and not any(d.startswith(a.file + "/") for d in dirs):
+                problems.append(f"plan node read_chunked({a.file!r}, {a.tensor!r}): the array is not among the "
+                                f"plan's source files. The plan cannot be trusted.")
+            continue
         if node.op is not Op.READ:
             continue
         a = node.arg

@@ -181,6 +181,27 @@ class TensorFormat(abc.ABC):
         """
         raise NotImplementedError(f"{self.name}: this format cannot be read (it has no index).")
 
+    def read_entry(self, path: str, layout: Any, index: int):
+        """The raw bytes (uint8 numpy array) of entry ``index`` of the finished file at ``path`` written with
+        ``layout``, as they were written (``verify --rederive`` compares them).  Default: the entry's span;
+        formats that transform bytes on the way to disk (compression) decode them."""
+        from . import fileio
+
+        start, end = layout.spans[index]
+        return fileio.read_range(path, start, end - start)
+
+    def read_region(self, path: str, dtype: str, shape: tuple[int, ...], offsets: tuple[int, ...],
+                    lengths: tuple[int, ...]):
+        """Elements ``[offsets, offsets + lengths)`` of the tensor stored at ``path`` (a chunked format's array:
+        a directory of chunk files) as a torch tensor of ``dtype``, reading only the chunks the region overlaps.
+        The kernel of the graph's ``read_chunked`` op (any worker, any thread).  Formats whose tensors are
+        byte ranges of one file are read by the ``read`` op instead and need not implement it.
+
+        Raises:
+            FormatError: one line naming the file when the tensor is missing, changed or damaged.
+        """
+        raise NotImplementedError(f"{self.name}: this format has no chunked reads (use the read op).")
+
     # --- 3-7. writing and checking ----------------------------------------------------------------------------
     @abc.abstractmethod
     def compute_layout(self, entries: Iterable[TensorEntry], attrs: Iterable[tuple[str, Any]] = (),

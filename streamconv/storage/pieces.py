@@ -86,9 +86,10 @@ def open_temp(path: str, flags: int) -> int:
 
 
 def write_piece(path: str, layout: Layout, index: int, data: torch.Tensor | np.ndarray | bytes,
-                offset: int = 0) -> Piece:
+                offset: int = 0, *, write_behind: bool = True) -> Piece:
     """Check ``data`` against entry ``index`` (dtype for tensors, bounds always), pwrite it at its absolute
-    offset in the temporary file, and return ``(index, offset, length, crc32)``."""
+    offset in the temporary file, and return ``(index, offset, length, crc32)``.  ``write_behind=False`` leaves
+    the bytes in the page cache (a file that ``finish`` reads back, such as a compressed zarr shard's)."""
     if not 0 <= index < len(layout.entries):
         raise ExecutionError(f"{path}: entry index {index} out of range (the layout has {len(layout.entries)}).")
     entry = layout.entries[index]
@@ -110,7 +111,7 @@ def write_piece(path: str, layout: Layout, index: int, data: torch.Tensor | np.n
     if len(raw):
         fd = open_temp(path, os.O_WRONLY)
         try:
-            fileio.pwrite_all(fd, raw, start + offset, path=path)
+            fileio.pwrite_all(fd, raw, start + offset, path=path, write_behind=write_behind)
         finally:
             os.close(fd)
     return index, offset, len(raw), crc

@@ -3,7 +3,7 @@
     >>> get_format("safetensors").supports_groups
     False
     >>> format_names()
-    ('megatron_pt', 'safetensors', 'text')
+    ('megatron_pt', 'safetensors', 'text', 'zarr')
 
 A new format is registered with one line, ``register_format(MY_FORMAT)``, at the bottom of this module for
 a built-in one; the conformance suites (:mod:`streamconv.testing`) then run on it, because
@@ -22,6 +22,7 @@ from .base import TensorFormat
 from .megatron_pt import MEGATRON_PT
 from .safetensors import SAFETENSORS
 from .text import TEXT
+from .zarr_shard import ZARR
 
 _FORMATS: dict[str, TensorFormat] = {}
 
@@ -63,7 +64,7 @@ def format_of_file(path: str) -> TensorFormat | None:
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise FormatError(f"{path}: not a regular file (a directory, FIFO or device); expected a tensor file.")
-        with open(path, "rb") as fh:
+        with open(path, "rb", buffering=0) as fh:  # unbuffered: read the sniff bytes, not a 4 KiB buffer
             head = fh.read(want)
     except FileNotFoundError:
         raise
@@ -86,3 +87,4 @@ def digest_of_file(path: str) -> str:
 register_format(MEGATRON_PT)
 register_format(SAFETENSORS)
 register_format(TEXT)
+register_format(ZARR)

@@ -85,3 +85,25 @@ def test_cluster_benchmark_smoke(tmp_path, monkeypatch):
         assert len(c["rchar_per_worker"]) == c["workers"] and all(b > 0 for b in c["rchar_per_worker"])
         assert all(0 < b < 2 * 2**30 for b in c["worker_peak_rss_bytes"])
     assert len(r["split"]["parts"]) == 2 and r["rates"]["cpu_seconds_per_gb_written"] > 0
+
+
+def test_reshard_and_zarr_benchmarks_smoke(tmp_path, monkeypatch):
+    """mcore2mcore (one pass = two passes, byte for byte) and the zarr scenarios run and report their figures."""
+    from benchmarks import common
+    from benchmarks import mcore2mcore, zarr_store
+
+    monkeypatch.chdir(ROOT)
+    for mod in (common, mcore2mcore, zarr_store):
+        monkeypatch.setattr(mod, "drop_caches", lambda: False)
+    assert mcore2mcore.main(["--smoke", "--work-dir", str(tmp_path)]) == 0
+    with open(tmp_path / "mcore2mcore-smoke.json") as f:
+        m2m = json.load(f)
+    assert m2m["byte_identical_to_two_passes"] is True
+    assert set(m2m["runs"]) == {"mcore2mcore", "mcore2mcore+verify", "mcore2hf+hf2mcore"}
+    assert all(r["seconds"] > 0 and r["peak_rss_bytes"] for r in m2m["runs"].values())
+    assert zarr_store.main(["--smoke", "--work-dir", str(tmp_path), "--compressors", "none,zstd"]) == 0
+    with open(tmp_path / "zarr-smoke-fp8.json") as f:
+        runs = json.load(f)["runs"]
+    assert runs["zarr[none]->mcore"]["same_size_as_from_safetensors"]
+    assert runs["zarr[zstd]->mcore"]["same_size_as_from_safetensors"]
+    assert runs["hf->zarr[zstd]"]["store_bytes"] < runs["hf->zarr[none]"]["store_bytes"]

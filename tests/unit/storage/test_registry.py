@@ -19,16 +19,17 @@ from streamconv.storage.text import TEXT
 
 
 def test_built_in_formats_in_registration_order():
-    assert registry.format_names() == ("megatron_pt", "safetensors", "text")
+    assert registry.format_names() == ("megatron_pt", "safetensors", "text", "zarr")
     assert registry.get_format("megatron_pt") is MEGATRON_PT and registry.get_format("text") is TEXT
-    assert [registry.get_format(n).is_text for n in registry.format_names()] == [False, False, True]
+    assert [registry.get_format(n).is_text for n in registry.format_names()] == [False, False, True, False]
 
 
 def test_unknown_name_is_one_line_listing_the_known_ones():
     with pytest.raises(ValidationError) as info:
-        registry.get_format("zarr")
+        registry.get_format("torch_dist")
     message = str(info.value)
-    assert message.startswith("format 'zarr': not registered (expected one of megatron_pt, safetensors, text)")
+    assert message.startswith("format 'torch_dist': not registered (expected one of megatron_pt, safetensors, "
+                              "text, zarr)")
     assert "\n" not in message
 
 
@@ -107,9 +108,9 @@ def test_tensor_formats_refuse_text():
 
 def test_plan_loading_checks_format_names_against_the_registry():
     obj = {"schema_version": 1, "kind": "hf2mcore", "nodes": [], "source": {"root": "s", "files": []},
-           "target": {"root": "t", "files": [{"path": "a.zarr", "format": "zarr"}]}}
-    with pytest.raises(PlanError, match=r"a.zarr: unknown format 'zarr' \(expected one of \('megatron_pt', "
-                                        r"'safetensors', 'text'\)\)"):
+           "target": {"root": "t", "files": [{"path": "a.dcp", "format": "torch_dist"}]}}
+    with pytest.raises(PlanError, match=r"a.dcp: unknown format 'torch_dist' \(expected one of \('megatron_pt', "
+                                        r"'safetensors', 'text', 'zarr'\)\)"):
         Plan.from_json(obj)
     obj["target"]["files"][0]["format"] = "text"
     assert Plan.from_json(obj).files[0].format == "text"

@@ -1,0 +1,142 @@
+"""A zarr store as HF source tensors: the same interface as :class:`~streamconv.plan.sources.HFSource`, so every
+planner that reads an HF directory reads a store (``hf2mcore --load-dir STORE``, ``zarr2hf``, the loader).
+
+Reads are ``read_chunked`` nodes (an array's band through the ``zarr`` format object), so a rank's plan reads
+the chunks its slices overlap and nothing else.  What the store keeps of the HF directory (config.json, the
+tokenizer files, the index, the safetensors shard layout) is in the attributes of its ``hf`` group
+(:data:`HF_GROUP`); stores written by other tools need only arrays named like HF tensors and a config.json file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..errors import FormatError, ValidationError
+from ..graph.node import Node, read_chunked
+from ..storage import zarr_store
+from ..storage.registry import digest_of_file
+from ..storage.zarr_shard import ZARR
+from .plan import SourceFile
+from .sources import HFSource
+
+HF_GROUP = "hf"     # the group whose attributes keep the HF directory's other files and shard layout
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """What the planners need of a stored tensor (the fields of a safetensors ``TensorInfo`` they use)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        from .. import types
+
+        return types.nbytes(self.dtype, self.shape)
+
+
+def is_store(path: str) -> bool:
+    """Whether ``path`` is a zarr v3 store (a directory with a root ``zarr.json``)."""
+    return os.path.isfile(os.path.join(path, zarr_store.META))
+
+
+def open_hf_source(root: str) -> HFSource:
+    """The HF tensors at ``root``: a :class:`ZarrSource` for a zarr store, else an :class:`HFSource`."""
+    return ZarrSource(root) if is_store(root) else HFSource(root)
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise ValidationError(f"{path}: missing.") from None
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"{path}: not valid JSON ({exc.__class__.__name__}).") from None
+    if not isinstance(obj, dict):
+        raise ValidationError(f"{path}: not a JSON object.")
+    return obj
+
+
+def store_record(root: str) -> dict:
+    """The attributes of the store's ``hf`` group (``files``, ``shards``), or {} for a store without one."""
+    path = os.path.join(root, HF_GROUP, zarr_store.META)
+    if not os.path.isfile(path):
+        return {}
+    attrs = read_json(path).get("attributes") or {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+class ZarrSource(HFSource):
+    """Tensor name -> (array path, :class:`ArrayInfo`) for a zarr store, with HFSource's coverage accounting."""
+
+    def __init__(self, root: str, quant=None):
+        self.root = os.path.abspath(root)
+        self.quant = quant
+        root_doc = read_json(os.path.join(self.root, zarr_store.META))
+        if root_doc.get("zarr_format") != 3 or root_doc.get("node_type") != "group":
+            raise ValidationError(f"{self.root}: zarr.json is not a zarr v3 group. Point --load-dir at the store's "
+                                  f"root.")
+        self.record = store_record(self.root)
+        self.tensors: dict[str, tuple[str, ArrayInfo]] = {}
+        self.files: list[SourceFile] = []
+        self.consumed: set[str] = set()
+        self.dropped: dict[str, str] = {}
+        self._nodes: dict[str, Node] = {}
+        names = [n for shard in self.record.get("shards", ()) for n in shard["tensors"]] or self._scan()
+        problems = []
+        for name in names:
+            path = os.path.join(self.root, name)
+            try:
+                meta = zarr_store.load_meta(path)
+            except FormatError as exc:
+                problems.append(str(exc))
+                continue
+            self.tensors[name] = (name, ArrayInfo(name, meta.dtype, meta.shape))
+            self.files += self._files_of(name)
+        if problems:
+            raise ValidationError(problems)
+
+    def _scan(self) -> list[str]:
+        """Arrays directly under the root of a store without an ``hf`` record (another tool's)."""
+        out = []
+        for name in sorted(os.listdir(self.root)):
+            doc = os.path.join(self.root, name, zarr_store.META)
+            if name != HF_GROUP and os.path.isfile(doc) and read_json(doc).get("node_type") == "array":
+                out.append(name)
+        if not out:
+            raise ValidationError(f"{self.root}: a zarr store without arrays. Point --load-dir at a store written by "
+                                  f"streamconv hf2zarr (or with one array per HF tensor).")
+        return out
+
+    def _files_of(self, name: str) -> list[SourceFile]:
+        """The array's metadata and chunk files, so the executor sees a store that changed under the plan."""
+        out = []
+        base = os.path.join(self.root, name)
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for f in sorted(filenames):
+                path = os.path.join(dirpath, f)
+                rel = os.path.relpath(path, self.root).replace(os.sep, "/")
+                out.append(SourceFile(rel, os.path.getsize(path), digest_of_file(path)))
+        return out
+
+    def config(self) -> dict:
+        files = dict(self.record.get("files", ()))
+        if "config.json" in files:
+            try:
+                obj = json.loads(files["config.json"])
+            except ValueError as exc:
+                raise ValidationError(f"{self.root}/{HF_GROUP}: its config.json is not valid JSON ({exc}).") from None
+            if isinstance(obj, dict):
+                return obj
+        return super().config()   # a store written by another tool: config.json next to zarr.json
+
+    def raw(self, name: str) -> Node:
+        """A chunked read of the stored values (FP8 stays FP8), the whole array."""
+        array, info = self.tensors[name]
+        return read_chunked(array, name, ZARR.name, info.dtype, info.shape)
