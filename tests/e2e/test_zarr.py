@@ -265,3 +265,20 @@ def test_each_rank_reads_its_share_of_the_store(mid, tmp_path, layout):
         assert abs(read - share) <= 0.10 * share, (f.path, read, share)
         reads.append(read / share)
     print(f"bytes read / share per rank: {', '.join(f'{r:.3f}' for r in reads)}")
+
+
+def test_open_rank_reads_a_store_as_it_reads_the_directory(hf_dirs, fp8_store):
+    """The training-time loader takes a store wherever it takes an HF directory: every rank, same bytes."""
+    import torch
+
+    from streamconv.loader import open_rank
+
+    kw = dict(target_tensor_parallel_size=2, target_expert_parallel_size=2, moe_grouped_gemm=True,
+              mtp_num_layers=1)
+    for tp, ep in ((0, 0), (1, 1)):
+        want = open_rank(hf_dirs["fp8"], tp_rank=tp, pp_rank=0, ep_rank=ep, **kw).state_dict()
+        got = open_rank(fp8_store, tp_rank=tp, pp_rank=0, ep_rank=ep, **kw).state_dict()
+        assert list(got["model"]) == list(want["model"])
+        for name, t in want["model"].items():
+            u = got["model"][name]
+            assert u.dtype == t.dtype and torch.equal(u.view(torch.uint8), t.view(torch.uint8)), name
