@@ -8,6 +8,7 @@ tests are skipped and say why), applied to the pieces of a plain conversion, and
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import shutil
 import pytest
 import torch
 
+from streamconv.errors import ValidationError
 from streamconv.execute.executor import RunOptions, run_plan
 from streamconv.plan.lora import LoraOptions
 from streamconv.plan.mcore2hf import plan_mcore_to_hf
@@ -222,3 +224,21 @@ def test_qlora_type1_checkpoint_merges_in_one_pass(tiny_hf, qlora_training, tmp_
     run_plan(plan_mcore_to_hf(eager, str(tmp_path / "want"), sizes, o, hf_config_dir=src), RUN)
     assert_same(load_dir(str(tmp_path / "got")), load_dir(str(tmp_path / "want")))
 
+
+def test_qlora_type1_checkpoint_with_a_missing_state_entry_is_refused(tiny_hf, qlora_training, tmp_path):
+    """One base_layer weight without its absmax: one error naming the key, before anything is written."""
+    bad = str(tmp_path / "bad")
+    shutil.copytree(qlora_training("npu"), bad)
+    path = sorted(glob.glob(os.path.join(bad, "iter_*", "mp_rank_01_*", "model_optim_rng.pt")))[0]
+    obj = torch.load(path, weights_only=True)
+    key = "decoder.layers.1.self_attention.linear_proj.base_layer.weight.absmax"
+    del obj["model"][key]
+    torch.save(obj, path)
+    sizes, o = split_layout(CASE)
+    out = tmp_path / "out"
+    with pytest.raises(ValidationError) as e:
+        plan_mcore_to_hf(bad, str(out), sizes, o, hf_config_dir=tiny_hf["fp8"], lora=LoraOptions(r=L.R, alpha="16"))
+    lines = str(e.value).strip().splitlines()
+    assert len(lines) == 1 and f"model.{key} missing" in lines[0] and "NF4 quant state" in lines[0], lines
+    assert "mp_rank_01_" in lines[0]
+    assert not out.exists()
