@@ -164,6 +164,18 @@ def split_factors(hf_dir: str, factors: dict, targets, work: str, r: int = R, **
     return out
 
 
+# spec §6.1: the entries bitsandbytes' ``QuantState.as_dict(packed=True)`` adds next to an NF4 weight K (K.<entry>)
+QUANT_STATE = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+
+
+def _state_owner(key: str, sd: dict) -> str | None:
+    """The weight of ``sd`` whose quant-state entry ``key`` is (None: ``key`` is no such entry)."""
+    for e in QUANT_STATE:
+        if key.endswith("." + e) and key[: -len(e) - 1] in sd:
+            return key[: -len(e) - 1]
+    return None
+
+
 def _factor_keys(key: str, kind: str, lower: bool = False) -> tuple[str, str]:
     if kind == "linear":
         module = key[: -len(".weight")]
@@ -178,7 +190,13 @@ def write_lora_checkpoint(base_dir: str, out_dir: str, pieces: dict, *, kind: st
 
     ``kind="type1"``: every rank dict with the targeted linears' bases renamed ``X.base_layer.weight`` and their
     factors right after (GEMM stacks keep their name, factors after); ``"type2"``: the factors alone.
-    ``lower``: the ``lora_a``/``lora_b`` spelling; ``extra_state``: Transformer Engine ``_extra_state`` entries."""
+    ``lower``: the ``lora_a``/``lora_b`` spelling; ``extra_state``: Transformer Engine ``_extra_state`` entries.
+
+    An NF4 base (``hf2mcore --qlora-nf4``, spec §6.1) gives a QLoRA training checkpoint: each quantized base's
+    state entries ``K.absmax`` ... ``K.quant_state.bitsandbytes__nf4`` move with it, so a wrapped linear holds
+    ``X.base_layer.weight`` followed by ``X.base_layer.weight.absmax`` ...: MindSpeed's QLoRA
+    ``parallel_linear_save_to_state_dict_wrapper`` writes ``prefix + "weight." + name`` for each entry of
+    ``quant_state.as_dict(packed=True)``, and the wrapped parallel linear's prefix is ``X.base_layer.``."""
     with open(os.path.join(base_dir, TRACKER_FILE)) as f:
         tracker = f.read()
     it = f"iter_{int(tracker):07d}"
@@ -195,13 +213,17 @@ def write_lora_checkpoint(base_dir: str, out_dir: str, pieces: dict, *, kind: st
             for key, tensor in value.items():
                 piece = mine.get(group, {}).get(key)
                 if piece is None:
-                    if kind == "type1":
+                    if kind == "type1" and _state_owner(key, value) not in mine.get(group, {}):
                         sd[key] = tensor
                     continue
                 k, first, second = piece
                 ka, kb = _factor_keys(key, k, lower)
                 if kind == "type1":
-                    sd[key[: -len(".weight")] + ".base_layer.weight" if k == "linear" else key] = tensor
+                    stored = key[: -len(".weight")] + ".base_layer.weight" if k == "linear" else key
+                    sd[stored] = tensor
+                    for entry in QUANT_STATE:
+                        if f"{key}.{entry}" in value:
+                            sd[f"{stored}.{entry}"] = value[f"{key}.{entry}"]
                 sd[ka], sd[kb] = first, second
                 if extra_state and k == "linear":
                     sd[ka.replace(".weight", "._extra_state")] = None
@@ -237,13 +259,14 @@ def adapter_keys(factors: dict) -> dict[str, torch.Tensor]:
 
 
 def merge_rank_dict(sd: dict, alpha, r: int) -> dict:
-    """MindSpeed's ``_merge_lora`` on one rank dict (merge type 2 after ``{**lora, **base}``; spec §5.2),
-    grouped-GEMM stacks per local expert on their [n, H, -1] / [n, -1, H] views."""
+    """MindSpeed's ``_merge_lora`` on one rank dict (spec §5.2), grouped-GEMM stacks per local expert on their
+    [n, H, -1] / [n, -1, H] views.  Type 2 (after ``{**lora, **base}``): the base is ``X.weight``; type 1: it is
+    ``X.base_layer.weight``, which the merged ``X.weight`` replaces."""
     out = dict(sd)
     names = sorted({k.split(".lora")[0] for k in sd if ".lora" in k and not k.endswith("_extra_state")})
     for name in names:
         a, b = out.pop(f"{name}.lora_A.default.weight"), out.pop(f"{name}.lora_B.default.weight")
-        base = out[f"{name}.weight"]
+        base = out.pop(f"{name}.base_layer.weight") if f"{name}.base_layer.weight" in out else out[f"{name}.weight"]
         out[f"{name}.weight"] = base + (alpha / r) * torch.matmul(b.float(), a.float()).to(base.dtype)
     for key in [k for k in sd if k.endswith(("experts.weight1", "experts.weight2")) and k + "_lora_a" in sd]:
         w, a, b = out[key], out.pop(key + "_lora_a"), out.pop(key + "_lora_b")

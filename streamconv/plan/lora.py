@@ -20,8 +20,10 @@ expert ``merge_lora(W_q, a_q, b_q)`` on the [n, H, -1] / [n, -1, H] views of a G
 before the inverse tables gather them across TP, as the reference does, which is valid because each rank's
 factors are the ones of its own piece (``mapping.lora``).
 
-An NF4 base weight (``hf2mcore --qlora-nf4``, or a QLoRA checkpoint) is recognised by its
-``.quant_state.bitsandbytes__nf4`` entry and dequantized in the graph (``nf4_scales`` then ``nf4_dequant``).
+An NF4 base weight (``hf2mcore --qlora-nf4``, or a QLoRA checkpoint) is recognised by its five state entries
+(``K.absmax`` ... ``K.quant_state.bitsandbytes__nf4``; all or none) and dequantized in the graph (``nf4_scales``
+then ``nf4_dequant``).  In a QLoRA training checkpoint (type 1) K is the stored name, ``X.base_layer.weight``,
+with the entries under it (``X.base_layer.weight.absmax``), as MindSpeed's QLoRA saves a wrapped linear.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ EXPORT_LAYOUTS = ("peft", "peft-fused", "mindspeed")
 NF4_LAYOUTS = ("npu", "cuda")
 NF4_JSON = ".quant_state.bitsandbytes__nf4"
 NF4_TABLES = (".quant_map", ".nested_quant_map")
+NF4_STATE = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", NF4_JSON)   # spec §6.1, after K
 GEMM_TARGETS = {"weight1": "linear_fc1", "weight2": "linear_fc2"}   # MindSpeed targets GEMM stacks by these
 
 _LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[ABab])(?:\.default)?\.weight$")
@@ -297,7 +300,14 @@ def _find_nf4(inv: Inventory, expected, opts: LoraOptions, problems: list[str]) 
             if len(shape) != 2:
                 continue
             s = inv.stored_name(r, g, name)
-            if not inv.main.has(r, g, s + NF4_JSON):
+            present = [e for e in NF4_STATE if inv.main.has(r, g, s + e)]
+            if not present:
+                continue
+            if len(present) < len(NF4_STATE):
+                missing = ", ".join(f"{g}.{s}{e}" for e in NF4_STATE if e not in present)
+                problems.append(f"{inv.main.path(r)}: {missing} missing, though {g}.{s} has the rest of an NF4 "
+                                f"quant state ({', '.join(present)}); bitsandbytes saves all five entries. Save the "
+                                f"checkpoint again, or convert the base again (hf2mcore --qlora-nf4).")
                 continue
             where = f"{inv.main.path(r)}: {g}.{s}{NF4_JSON}"
             try:

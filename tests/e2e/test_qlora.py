@@ -8,6 +8,7 @@ tests are skipped and say why), applied to the pieces of a plain conversion, and
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import shutil
 import pytest
 import torch
 
+from streamconv.errors import ValidationError
 from streamconv.execute.executor import RunOptions, run_plan
 from streamconv.plan.lora import LoraOptions
 from streamconv.plan.mcore2hf import plan_mcore_to_hf
@@ -124,7 +126,9 @@ def dequantized_copy(nf4_dir: str, out: str, layout: str) -> str:
             elif not any(key.endswith("." + e) for e in STATE + ("quant_state.bitsandbytes__nf4",)):
                 plain[key] = t
         torch.save({**obj, "model": plain}, path)
-    shutil.copy(os.path.join(nf4_dir, "streamconv_source.json"), out)
+    record = os.path.join(nf4_dir, "streamconv_source.json")
+    if os.path.exists(record):
+        shutil.copy(record, out)
     return out
 
 
@@ -157,3 +161,84 @@ def test_qlora_base_and_adapter_merge_in_one_pass(tiny_hf, converted, tmp_path):
             torch.save({**obj, "model": merged}, os.path.join(eager, rel))
     run_plan(plan_mcore_to_hf(eager, str(tmp_path / "want"), sizes, o), RUN)
     assert_same(load_dir(str(tmp_path / "got")), load_dir(str(tmp_path / "want")))
+
+
+# --- QLoRA training checkpoints (merge type 1 with an NF4 base) -----------------------------------------------------
+
+TYPE1_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "linear_kv_up_proj", "eh_proj")
+
+
+def qlora_training_checkpoint(tiny_hf, converted, layout, out):
+    """What MindSpeed's QLoRA training saves without --lora-ckpt-filter / --qlora-save-dequantize: the NF4 base
+    of ``converted[layout]`` with each LoRA-wrapped linear's weight and its five state entries under
+    ``X.base_layer.weight`` (R-qlora ``parallel_linear_save_to_state_dict_wrapper``: ``prefix + "weight." + name``
+    with the wrapped linear's prefix ``X.base_layer.``), GEMM stacks under their own names, and the factors."""
+    src = tiny_hf["fp8"]
+    _, hf = load_hf(src)
+    factors = L.make_factors(hf, TYPE1_TARGETS)
+    pieces = L.split_factors(src, factors, TYPE1_TARGETS, os.path.join(out, "work"), **CASE)
+    return L.write_lora_checkpoint(converted[layout], os.path.join(out, "type1"), pieces, kind="type1")
+
+
+def check_mindspeed_names(ckpt: str) -> None:
+    """The checkpoint holds what the test says it holds: wrapped NF4 bases under base_layer, GEMM stacks not."""
+    sd = load_mcore_dir(ckpt)[next(p for p in load_mcore_dir(ckpt) if p.endswith(".pt"))]["model"]
+    qkv = "decoder.layers.0.self_attention.linear_qkv"
+    for entry in ("",) + tuple("." + e for e in STATE + ("quant_state.bitsandbytes__nf4",)):
+        assert f"{qkv}.base_layer.weight{entry}" in sd and f"{qkv}.weight{entry}" not in sd, entry
+    assert sd[f"{qkv}.base_layer.weight"].dtype == torch.uint8 and f"{qkv}.lora_A.default.weight" in sd
+    gemm = next(k for k in sd if k.endswith("mlp.experts.weight1"))
+    assert gemm + ".absmax" in sd and gemm + "_lora_a" in sd
+    assert "decoder.layers.0.self_attention.linear_q_up_proj.weight.absmax" in sd    # quantized, not a target
+
+
+@pytest.fixture(scope="module")
+def qlora_training(tiny_hf, converted, tmp_path_factory):
+    """layout -> a QLoRA training checkpoint of that nibble order, each made once."""
+    made = {}
+
+    def get(layout):
+        if layout not in made:
+            out = str(tmp_path_factory.mktemp(f"qlora_type1_{layout}"))
+            made[layout] = qlora_training_checkpoint(tiny_hf, converted, layout, out)
+        return made[layout]
+    return get
+
+
+@pytest.mark.parametrize("layout", ["npu", "cuda"])
+def test_qlora_type1_checkpoint_merges_in_one_pass(tiny_hf, qlora_training, tmp_path, layout):
+    """A QLoRA training checkpoint (type 1, NF4 base under base_layer) merged in one pass = the reference's three
+    steps: bitsandbytes dequantization (what --qlora-save-dequantize would have saved), MindSpeed's type-1
+    merge of each rank dict, then a plain conversion.  No streamconv record: the nibble order is npu unless
+    --nf4-layout says otherwise."""
+    src = tiny_hf["fp8"]
+    ckpt = qlora_training(layout)
+    check_mindspeed_names(ckpt)
+    sizes, o = split_layout(CASE)
+    opts = LoraOptions(r=L.R, alpha="16", nf4_layout=None if layout == "npu" else layout)
+    run_plan(plan_mcore_to_hf(ckpt, str(tmp_path / "got"), sizes, o, hf_config_dir=src, lora=opts), RUN)
+    eager = dequantized_copy(ckpt, str(tmp_path / "eager"), layout)
+    for rel, obj in load_mcore_dir(eager).items():
+        if rel.endswith(".pt"):
+            torch.save({**obj, "model": L.merge_rank_dict(obj["model"], 16, L.R)}, os.path.join(eager, rel))
+    run_plan(plan_mcore_to_hf(eager, str(tmp_path / "want"), sizes, o, hf_config_dir=src), RUN)
+    assert_same(load_dir(str(tmp_path / "got")), load_dir(str(tmp_path / "want")))
+
+
+def test_qlora_type1_checkpoint_with_a_missing_state_entry_is_refused(tiny_hf, qlora_training, tmp_path):
+    """One base_layer weight without its absmax: one error naming the key, before anything is written."""
+    bad = str(tmp_path / "bad")
+    shutil.copytree(qlora_training("npu"), bad)
+    path = sorted(glob.glob(os.path.join(bad, "iter_*", "mp_rank_01_*", "model_optim_rng.pt")))[0]
+    obj = torch.load(path, weights_only=True)
+    key = "decoder.layers.1.self_attention.linear_proj.base_layer.weight.absmax"
+    del obj["model"][key]
+    torch.save(obj, path)
+    sizes, o = split_layout(CASE)
+    out = tmp_path / "out"
+    with pytest.raises(ValidationError) as e:
+        plan_mcore_to_hf(bad, str(out), sizes, o, hf_config_dir=tiny_hf["fp8"], lora=LoraOptions(r=L.R, alpha="16"))
+    lines = str(e.value).strip().splitlines()
+    assert len(lines) == 1 and f"model.{key} missing" in lines[0] and "NF4 quant state" in lines[0], lines
+    assert "mp_rank_01_" in lines[0]
+    assert not out.exists()
