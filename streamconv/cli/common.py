@@ -128,6 +128,9 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression-level", type=int, default=3, metavar="N", help="zstd/blosc level 1-9 (default 3)")
     p.add_argument("--chunk-edge", type=int, default=None, metavar="N",
                    help="chunk rows and the column granule (default: the model's FP8 block edge, 128)")
+    p.add_argument("--no-stack-experts", dest="stack_experts", action="store_false",
+                   help="one array per HF tensor; by default a layer's routed experts are one array per "
+                        "projection (and per scale), expert j at index j, so a 671B store is thousands of files")
 
 
 def add_hf2zarr_flags(p: argparse.ArgumentParser) -> None:
@@ -150,7 +153,8 @@ def add_zarr2hf_flags(p: argparse.ArgumentParser) -> None:
 def store_options(args):
     from ..plan.zarr_plans import StoreOptions
 
-    return StoreOptions(compressor=args.compressor, level=args.compression_level, chunk_edge=args.chunk_edge)
+    return StoreOptions(compressor=args.compressor, level=args.compression_level, chunk_edge=args.chunk_edge,
+                        stack_experts=args.stack_experts)
 
 
 def plan_hf2zarr_from_args(args):

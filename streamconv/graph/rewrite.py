@@ -107,6 +107,12 @@ def _transpose(x: Node, dim, start, stop):
 def _view(x: Node, dim, start, stop):
     a: ViewArg = x.arg
     (src,) = x.src
+    k = len(src.shape) - len(a.shape)
+    if src.op is Op.READ_CHUNKED and k > 0 and tuple(src.shape) == (1,) * k + tuple(a.shape):
+        # one element of a stacked array (an expert of a store's stack) with the unit dims dropped: any band of
+        # it, rows or columns, is a region of the stack, so a rank reads only the chunks it needs
+        shape = tuple(a.shape[:dim]) + (stop - start,) + tuple(a.shape[dim + 1:])
+        return view(narrow(src, dim + k, start, stop), shape)
     if dim != 0 or not src.shape:
         return None
     if src.op is Op.VIEW:  # a view of a view is one view of the inner source (a merged grouped-GEMM stack)

@@ -18,6 +18,7 @@ Everything generic (placement over PP/VPP/dualpipev, expert slicing, the loops o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from enum import Enum
 from functools import lru_cache
@@ -243,6 +244,13 @@ class ModelSpec:
                           tuple(self.divisible(cfg, sizes, o)), self.variants,
                           experts_field=self.experts_field)
 
+    def expert_stack(self, name: str) -> tuple[str, int] | None:
+        """``(stack, j)`` when ``name`` is routed expert j's tensor: ``stack`` is ``name`` with the expert index
+        replaced by ``{j}``, the same for every expert of that layer and projection (a store keeps them as one
+        array); entries beside the weight (``weight_scale_inv``) have their own stack.  None for other tensors."""
+        m = _expert_pattern(type(self)).match(name)
+        return (f"{m['pre']}{{j}}{m['post']}", int(m["j"])) if m else None
+
     def hf_tensors(self, cfg) -> list[HFTensor]:
         """Every tensor of the HF checkpoint (FP8 scales excluded), in release order: embedding, layers, final
         norm and lm_head (unless tied), MTP layers."""
@@ -287,3 +295,17 @@ def _hf_table(spec: ModelSpec, cfg) -> dict[str, HFTensor]:
 def _prefixed(spec: ModelSpec, tensors: list[HFTensor], layer: int) -> list[HFTensor]:
     p = f"{spec.layer_prefix}{layer}."
     return [HFTensor(p + t.name, t.shape, t.kind, t.copy_of) for t in tensors]
+
+
+@lru_cache(maxsize=None)
+def _expert_pattern(cls: type) -> re.Pattern:
+    """``pre``, ``j``, ``post`` of a routed-expert tensor's name, from the family's :attr:`expert_rows` names
+    (``mlp.experts.{j}.gate_proj.weight``: anything after the projection's name, so its scale matches too)."""
+    alts = set()
+    for r in cls.expert_rows:
+        for src in r.sources:
+            head, tail = src.split("{j}")
+            alts.add((re.escape(head), re.escape(tail.rsplit(".", 1)[0] + ".")))
+    pre = "|".join(sorted(h for h, _ in alts))
+    post = "|".join(sorted(t for _, t in alts))
+    return re.compile(rf"^(?P<pre>(?:.*\.)?(?:{pre}))(?P<j>0|[1-9][0-9]*)(?P<post>(?:{post}).+)$")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from .. import __version__
 from ..errors import ValidationError
-from ..graph.node import Node, narrow_dim, transpose, view
+from ..graph.node import Node, cat, narrow_dim, transpose, view
 from ..models import model_for_config
 from ..storage import zarr_store
 from ..storage.safetensors import SAFETENSORS
@@ -37,7 +37,7 @@ from .zarr_source import HF_GROUP, ZarrSource, open_hf_source
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
-STORE_VERSION = 1
+STORE_VERSION = 2   # 2: routed experts stacked (``stacks`` in the hf record); 1 is read as before
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class StoreOptions:
     chunk_bytes: int = 1 * MiB
     shard_bytes: int = 256 * MiB
     entry_bytes: int = 64 * MiB      # one write task each: the executor's default band
+    stack_experts: bool = True       # a layer's routed experts as one array per projection (and per scale)
 
     @property
     def codec(self) -> Codec:
@@ -131,10 +132,28 @@ def chunking(shape: tuple[int, ...], itemsize: int, edge: int, opts: StoreOption
     return chunk, shard, per_entry
 
 
+def stacked_chunking(shape: tuple[int, ...], itemsize: int, edge: int, opts: StoreOptions
+                     ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """:func:`chunking` of a stack ``[n, rows, cols]``: inner chunks are one element's (an expert's) chunks, so a
+    chunk never mixes experts; a shard holds whole experts (a divisor of n within ``shard_bytes``), an entry
+    whole experts within ``entry_bytes``."""
+    inner, _, _ = chunking(tuple(shape[1:]), itemsize, edge, opts)
+    one = itemsize
+    for d in shape[1:]:
+        one *= d
+    per_shard = _divisor_at_most(shape[0], max(1, opts.shard_bytes // max(one, 1)))
+    per_entry = _divisor_at_most(per_shard, max(1, opts.entry_bytes // max(one, 1)))
+    return (1,) + inner, (per_shard,) + tuple(shape[1:]), per_entry
+
+
 def _entry(src: Node, start: int, rows: int, chunk: tuple[int, ...]) -> Node:
     """Rows ``[start, start + rows)`` of ``src`` (whole chunk rows) as the stack of their inner chunks, in the
     shard index's order: one read of the rows, regrouped by views and one transpose (one copy when run)."""
     band = narrow_dim(src, 0, start, start + rows)
+    if len(chunk) == 3 and chunk[0] == 1:  # a stack: each element's [rows, cols] cut like a 2-D array
+        n, r, c = rows, src.shape[1], src.shape[2]
+        grid = transpose(view(band, (n, r // chunk[1], chunk[1], c // chunk[2], chunk[2])), 2, 3)
+        return view(grid, (n * (r // chunk[1]) * (c // chunk[2]), 1, chunk[1], chunk[2]))
     k = rows // chunk[0]
     if len(chunk) == 2 and chunk[1] != src.shape[1]:
         n = src.shape[1] // chunk[1]
@@ -143,9 +162,12 @@ def _entry(src: Node, start: int, rows: int, chunk: tuple[int, ...]) -> Node:
     return view(band, (k,) + tuple(chunk))
 
 
-def array_files(name: str, src: Node, edge: int, opts: StoreOptions, seq: int) -> tuple[list[OutputFile], int]:
-    """The shard files and the zarr.json of the array ``name`` holding ``src``; ``seq`` numbers the writes."""
-    chunk, shard, per_entry = chunking(tuple(src.shape), _itemsize(src.dtype), edge, opts)
+def array_files(name: str, src: Node, edge: int, opts: StoreOptions, seq: int, stacked: bool = False
+                ) -> tuple[list[OutputFile], int]:
+    """The shard files and the zarr.json of the array ``name`` holding ``src`` (``stacked``: a stack of 2-D
+    tensors along dim 0, see :func:`stacked_chunking`); ``seq`` numbers the writes."""
+    cut = stacked_chunking if stacked else chunking
+    chunk, shard, per_entry = cut(tuple(src.shape), _itemsize(src.dtype), edge, opts)
     codec = opts.codec
     attrs = (("codec", codec.name), ("level", codec.level), ("stacked", True))
     files = []
@@ -192,19 +214,64 @@ def store_edge(layout: HFLayout, opts: StoreOptions) -> int:
     return max(spec.quant.block)
 
 
+def stacks(layout: HFLayout, opts: StoreOptions) -> dict[str, tuple[str, ...]]:
+    """Array name -> the HF tensors it holds, element j being tensor j, for every group of routed-expert tensors
+    of one layer and projection (the model family says which, :meth:`ModelSpec.expert_stack`) that has experts
+    0..n-1, n >= 2, all 2-D of one dtype and shape.  A 671B store is then ~3 000 arrays, not ~92 000, and a
+    rank's experts are a band of one array.  The array is named like its tensors with the index replaced by
+    the range: ``model.layers.3.mlp.experts.0-255.gate_proj.weight``."""
+    if not opts.stack_experts:
+        return {}
+    try:
+        spec = model_for_config(layout.config(), CONFIG)
+    except ValidationError:   # a family we do not know (its store needs --chunk-edge): every tensor its own array
+        return {}
+    groups: dict[str, dict[int, Node]] = {}
+    names: dict[str, dict[int, str]] = {}
+    for shard in layout.shards:
+        for name, node in shard.tensors:
+            hit = spec.expert_stack(name)
+            if hit is not None:
+                groups.setdefault(hit[0], {})[hit[1]] = node
+                names.setdefault(hit[0], {})[hit[1]] = name
+    taken = {name for shard in layout.shards for name, _ in shard.tensors}
+    out = {}
+    for key, members in groups.items():
+        n = len(members)
+        first = members.get(0)
+        if n < 2 or sorted(members) != list(range(n)) or len(first.shape) != 2 or any(
+                m.dtype != first.dtype or m.shape != first.shape for m in members.values()):
+            continue
+        array = key.replace("{j}", f"0-{n - 1}")
+        if array not in taken:
+            out[array] = tuple(names[key][j] for j in range(n))
+    return out
+
+
 def plan_store(layout: HFLayout, save_dir: str, opts: StoreOptions, *, kind: str, source_root: str,
                source_files: tuple[SourceFile, ...], dropped: tuple[Dropped, ...] = (),
                checks: tuple[ReplicaCheck, ...] = (), options: dict | None = None) -> Plan:
     """The plan writing ``layout`` as a zarr store at ``save_dir`` (arrays, the ``hf`` record, the root last)."""
     _check_names(layout)
     edge = store_edge(layout, opts)
+    stacked = stacks(layout, opts)
+    member = {t: array for array, ts in stacked.items() for t in ts}
+    nodes = {name: node for shard in layout.shards for name, node in shard.tensors}
     files: list[OutputFile] = []
     seq = 0
     for shard in layout.shards:
         for name, node in shard.tensors:
-            more, seq = array_files(name, node, edge, opts, seq)
+            array = member.get(name)
+            if array is None:
+                more, seq = array_files(name, node, edge, opts, seq)
+            elif stacked[array][0] == name:   # the stack is written where its first element was
+                parts = [view(nodes[t], (1,) + tuple(nodes[t].shape)) for t in stacked[array]]
+                more, seq = array_files(array, cat(parts, 0), edge, opts, seq, stacked=True)
+            else:
+                continue
             files += more
     record = {"files": [list(f) for f in layout.files],
+              "stacks": [[array, list(ts)] for array, ts in stacked.items()],
               "shards": [{"file": s.file, "metadata": [list(m) for m in s.metadata],
                           "tensors": [n for n, _ in s.tensors], "header_sha256": s.header_sha256}
                          for s in layout.shards]}

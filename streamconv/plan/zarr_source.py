@@ -2,7 +2,9 @@
 planner that reads an HF directory reads a store (``hf2mcore --load-dir STORE``, ``zarr2hf``, the loader).
 
 Reads are ``read_chunked`` nodes (an array's band through the ``zarr`` format object), so a rank's plan reads
-the chunks its slices overlap and nothing else.  What the store keeps of the HF directory (config.json, the
+the chunks its slices overlap and nothing else.  A tensor kept as element j of a stack (a layer's routed
+experts, the record's ``stacks``) reads ``[j:j+1]`` of the stack with the unit dim viewed away; rows or columns
+of it still narrow to a region (:func:`~streamconv.graph.rewrite.narrow`).  What the store keeps of the HF directory (config.json, the
 tokenizer files, the index, the safetensors shard layout) is in the attributes of its ``hf`` group
 (:data:`HF_GROUP`); stores written by other tools need only arrays named like HF tensors and a config.json file.
 """
@@ -14,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import FormatError, ValidationError
-from ..graph.node import Node, read_chunked
+from ..graph.node import Node, read_chunked, view
 from ..storage import zarr_store
 from ..storage.registry import digest_of_file
 from ..storage.zarr_shard import ZARR
@@ -22,6 +24,7 @@ from .plan import SourceFile
 from .sources import HFSource
 
 HF_GROUP = "hf"     # the group whose attributes keep the HF directory's other files and shard layout
+STORE_VERSIONS = (1, 2)   # the store layouts this version reads (2: routed experts stacked)
 
 
 @dataclass(frozen=True)
@@ -81,25 +84,54 @@ class ZarrSource(HFSource):
         if root_doc.get("zarr_format") != 3 or root_doc.get("node_type") != "group":
             raise ValidationError(f"{self.root}: zarr.json is not a zarr v3 group. Point --load-dir at the store's "
                                   f"root.")
+        ours = (root_doc.get("attributes") or {}).get("streamconv") or {}
+        version = ours.get("store_version", 1) if isinstance(ours, dict) else 1
+        if version not in STORE_VERSIONS:
+            raise ValidationError(f"{self.root}: store version {version!r}; this streamconv reads versions "
+                                  f"{', '.join(map(str, STORE_VERSIONS))}. Upgrade streamconv.")
         self.record = store_record(self.root)
         self.tensors: dict[str, tuple[str, ArrayInfo]] = {}
         self.files: list[SourceFile] = []
         self.consumed: set[str] = set()
         self.dropped: dict[str, str] = {}
         self._nodes: dict[str, Node] = {}
+        self._stacked: dict[str, tuple[int, tuple[int, ...]]] = {}   # tensor -> (index, its array's shape)
         names = [n for shard in self.record.get("shards", ()) for n in shard["tensors"]] or self._scan()
+        member = self._stack_members()
         problems = []
+        metas: dict[str, zarr_store.ArrayMeta] = {}
         for name in names:
-            path = os.path.join(self.root, name)
-            try:
-                meta = zarr_store.load_meta(path)
-            except FormatError as exc:
-                problems.append(str(exc))
-                continue
-            self.tensors[name] = (name, ArrayInfo(name, meta.dtype, meta.shape))
-            self.files += self._files_of(name)
+            array, j = member.get(name, (name, None))
+            meta = metas.get(array)
+            if meta is None:
+                try:
+                    meta = metas[array] = zarr_store.load_meta(os.path.join(self.root, array))
+                except FormatError as exc:
+                    problems.append(str(exc))
+                    continue
+                self.files += self._files_of(array)
+            if j is None:
+                self.tensors[name] = (array, ArrayInfo(name, meta.dtype, meta.shape))
+            elif len(meta.shape) < 2 or j >= meta.shape[0]:
+                problems.append(f"{self.root}/{array}: {meta.dtype}{list(meta.shape)} cannot hold {name} as its "
+                                f"element {j}. The store is damaged; re-create it.")
+            else:
+                self.tensors[name] = (array, ArrayInfo(name, meta.dtype, tuple(meta.shape[1:])))
+                self._stacked[name] = (j, tuple(meta.shape))
         if problems:
             raise ValidationError(problems)
+
+    def _stack_members(self) -> dict[str, tuple[str, int]]:
+        """Tensor -> (array, index) for the tensors the record says are stored stacked."""
+        out = {}
+        for item in self.record.get("stacks", ()):
+            ok = isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], list)
+            if not ok or not all(isinstance(t, str) for t in item[1]) or "/" in item[0] or item[0].startswith("."):
+                raise ValidationError(f"{self.root}/{HF_GROUP}: a 'stacks' entry is not [array name, [tensor "
+                                      f"names]]. The store is damaged; re-create it.")
+            for j, name in enumerate(item[1]):
+                out[name] = (item[0], j)
+        return out
 
     def _scan(self) -> list[str]:
         """Arrays directly under the root of a store without an ``hf`` record (another tool's)."""
@@ -139,4 +171,10 @@ class ZarrSource(HFSource):
     def raw(self, name: str) -> Node:
         """A chunked read of the stored values (FP8 stays FP8), the whole array."""
         array, info = self.tensors[name]
-        return read_chunked(array, name, ZARR.name, info.dtype, info.shape)
+        stacked = self._stacked.get(name)
+        if stacked is None:
+            return read_chunked(array, name, ZARR.name, info.dtype, info.shape)
+        j, shape = stacked   # element j of a stack: a region of it, the unit dim viewed away
+        node = read_chunked(array, name, ZARR.name, info.dtype, shape, offsets=(j,) + (0,) * len(info.shape),
+                            lengths=(1,) + tuple(info.shape))
+        return view(node, info.shape)

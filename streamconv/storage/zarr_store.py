@@ -5,7 +5,9 @@ A store written by ``hf2zarr`` / ``mcore2zarr`` is a plain zarr v3 directory sto
     STORE/zarr.json                  root group; attributes {"streamconv": {...}} (what wrote it, codec)
     STORE/hf/zarr.json               group whose attributes keep the HF checkpoint's other files (config.json,
                                      tokenizer, index) verbatim and its shard layout, for zarr2hf
-    STORE/<HF name>/zarr.json        one array per HF tensor at its global shape (HF names as array paths)
+    STORE/<HF name>/zarr.json        one array per HF tensor at its global shape (HF names as array paths); a
+                                     layer's routed experts of one projection are one stack [experts, ...]
+                                     named with the range for the index (``...experts.0-255.gate_proj.weight``)
     STORE/<HF name>/c/<i>/<j>        its shards: ``sharding_indexed`` with a crc32c index at the end; inner
                                      chunks in C order (the file format is :mod:`streamconv.storage.zarr_shard`)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -90,21 +91,37 @@ def test_plain_zarr_open_sees_every_tensor(hf_dirs, fp8_store):
         if name.endswith(".safetensors"):
             want.update(load_file(os.path.join(src, name)))
     group = zarr.open_group(store, mode="r")
-    seen = set()
+    experts = {}   # "model.layers.i.mlp.experts.{j}.<proj...>" -> expert count, from the source's names alone
+    for name in want:
+        m = re.match(r"^(.*\.mlp\.experts\.)(\d+)(\..*)$", name)
+        if m:
+            key = m[1] + "{j}" + m[3]
+            experts[key] = max(experts.get(key, 0), int(m[2]) + 1)
+    assert experts
+    seen, stacked = set(), 0
     for name, t in want.items():
-        arr = group[name]
+        m = re.match(r"^(.*\.mlp\.experts\.)(\d+)(\..*)$", name)
+        if m:   # a layer's routed experts are one array per projection, expert j at index j
+            n = experts[m[1] + "{j}" + m[3]]
+            stack = group[f"{m[1]}0-{n - 1}{m[3]}"]
+            assert stack.shape == (n,) + tuple(t.shape), name
+            arr, attrs, stacked = stack[int(m[2])], stack.attrs, stacked + 1
+        else:
+            arr = group[name]
+            attrs, arr = arr.attrs, arr[...]
         seen.add(name)
         assert arr.shape == tuple(t.shape), name
         if t.dtype == torch.float8_e4m3fn:
-            assert arr.dtype == np.uint8 and arr.attrs["dtype"] == "float8_e4m3fn"
+            assert arr.dtype == np.uint8 and attrs["dtype"] == "float8_e4m3fn"
             expect = t.view(torch.uint8).numpy()
         elif t.dtype == torch.bfloat16:
-            assert arr.dtype == np.uint16 and arr.attrs["dtype"] == "bfloat16"
+            assert arr.dtype == np.uint16 and attrs["dtype"] == "bfloat16"
             expect = t.view(torch.int16).numpy().view(np.uint16)
         else:
             assert arr.dtype == np.float32, name
             expect = t.numpy()
-        assert np.array_equal(arr[...], expect), name
+        assert np.array_equal(arr, expect), name
+    assert stacked and len(list(group.array_keys())) == len(want) - stacked + len(experts)
     assert any(n.endswith("_scale_inv") for n in seen)
     assert group.attrs["streamconv"]["codec"] == {"name": "zstd", "level": 3}
     kept = dict(group["hf"].attrs["files"])
@@ -152,7 +169,10 @@ def test_cli_rechunk_verify_and_refusals(hf_dirs, tmp_path, capsys):
     args = ["--no-progress"]
     assert main(["convert", "hf2zarr", "--load-dir", src, "--save-dir", str(tmp_path / "z1")] + args) == 0
     assert main(["convert", "hf2zarr", "--load-dir", str(tmp_path / "z1"), "--save-dir", str(tmp_path / "z2"),
-                 "--compressor", "blosc", "--compression-level", "5"] + args) == 0
+                 "--compressor", "blosc", "--compression-level", "5", "--no-stack-experts"] + args) == 0
+    one = "model.layers.1.mlp.experts.0.gate_proj.weight"     # z1 stacks the experts, z2 does not
+    assert not (tmp_path / "z1" / one).exists() and (tmp_path / "z2" / one / "zarr.json").is_file()
+    assert len(os.listdir(tmp_path / "z1")) < len(os.listdir(tmp_path / "z2"))
     assert main(["convert", "zarr2hf", "--load-dir", str(tmp_path / "z2"), "--save-dir", str(tmp_path / "hf")]
                 + args) == 0
     assert files_of(str(tmp_path / "hf")) == files_of(src)
@@ -177,6 +197,33 @@ def test_a_store_changed_under_its_plan_is_refused(hf_dirs, tmp_path):
         f.write(b"\0")
     with pytest.raises(ValidationError, match="model.embed_tokens.weight/c/0/0: changed since the plan was made"):
         run_plan(plan, FAST)
+
+
+def test_a_damaged_stack_record_or_a_newer_store_is_one_error(hf_dirs, tmp_path):
+    store = to_zarr(hf_dirs["bf16"], str(tmp_path / "store"))
+    hf_doc = os.path.join(store, "hf", "zarr.json")
+    doc = json.load(open(hf_doc))
+    array, names = doc["attributes"]["stacks"][0]
+    doc["attributes"]["stacks"][0] = [array, names + ["model.layers.1.mlp.experts.99.up_proj.weight"]]
+    doc["attributes"]["shards"][0]["tensors"].append("model.layers.1.mlp.experts.99.up_proj.weight")
+    with open(hf_doc, "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(ValidationError, match=r"cannot hold model\.layers\.1\.mlp\.experts\.99\.up_proj\.weight "
+                                              r"as its element \d+\. The store is damaged"):
+        plan_hf_to_mcore(store, str(tmp_path / "m"), *split(dict(tp=1)))
+    doc["attributes"]["stacks"][0] = "model.layers.1.mlp.experts.0-3.up_proj.weight"
+    with open(hf_doc, "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(ValidationError, match="a 'stacks' entry is not"):
+        plan_zarr_to_hf(store, str(tmp_path / "hf"))
+    root_doc = os.path.join(store, "zarr.json")
+    doc = json.load(open(root_doc))
+    doc["attributes"]["streamconv"]["store_version"] = 3
+    with open(root_doc, "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(ValidationError, match="store version 3; this streamconv reads versions 1, 2"):
+        plan_zarr_to_hf(store, str(tmp_path / "hf"))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "hf").exists()
 
 
 def test_names_that_cannot_be_array_paths_are_refused(tmp_path):

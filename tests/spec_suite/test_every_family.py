@@ -144,3 +144,23 @@ def test_transformers_loads_it_and_the_round_trip_keeps_the_logits(family, tmp_p
 
     want, got = logits(dirs["bf16"]), logits(out)
     assert want.abs().sum() > 0 and torch.equal(got, want)
+
+
+def test_expert_stacks_group_each_layer_and_projection(family):
+    """What a zarr store stacks: every routed-expert tensor (scales too) of one layer and projection, expert j at
+    j; nothing else (shared experts, routers, attention).  The oracle is the HF names' own pattern."""
+    import re
+
+    spec, dirs = family
+    names = list(load_dir(dirs.get("fp8", dirs["bf16"])))
+    groups = {}
+    for name in names:
+        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)(\.\w+\.\w+)$", name)
+        hit = spec.expert_stack(name)
+        if m is None:
+            assert hit is None, name
+            continue
+        assert hit == (m[1] + "{j}" + m[3], int(m[2])), name
+        groups.setdefault(hit[0], set()).add(hit[1])
+    cfg = spec.presets["tiny"]
+    assert groups and all(js == set(range(cfg.num_experts)) for js in groups.values())

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from streamconv.errors import ValidationError
-from streamconv.plan.zarr_plans import StoreOptions, chunking
+from streamconv.plan.zarr_plans import StoreOptions, chunking, stacked_chunking
 
 OPTS = StoreOptions()
 # (shape, itemsize): every 2-D tensor shape of DeepSeek-V3 671B (FP8 weights, bf16 embeddings and norms,
@@ -47,3 +47,19 @@ def test_the_chunk_edge_and_sizes_are_options():
 def test_a_scalar_is_refused():
     with pytest.raises(ValidationError, match="0-d tensor"):
         chunking((), 4, 128, OPTS)
+
+
+# stacked routed experts [experts, rows, cols]: DeepSeek-V3 671B FP8 weights and scales, Qwen3-235B bf16, odd ones
+STACKS = [((256, 2048, 7168), 1), ((256, 7168, 2048), 1), ((256, 16, 56), 4), ((256, 56, 16), 4),
+          ((128, 1536, 4096), 2), ((128, 4096, 1536), 2), ((7, 100, 30), 2), ((3, 4096, 16384), 2)]
+
+
+@pytest.mark.parametrize("shape,itemsize", STACKS, ids=[f"{list(s)}x{i}" for s, i in STACKS])
+def test_stacks_keep_experts_apart_and_cut_each_like_a_matrix(shape, itemsize):
+    chunk, shard, per_entry = stacked_chunking(shape, itemsize, 128, OPTS)
+    inner, _, _ = chunking(shape[1:], itemsize, 128, OPTS)
+    assert chunk == (1,) + inner                     # one expert per chunk, cut as the expert alone would be
+    assert shard[1:] == shape[1:] and shape[0] % shard[0] == 0 and shard[0] % per_entry == 0
+    one = math.prod(shape[1:]) * itemsize
+    assert shard[0] * one <= OPTS.shard_bytes or shard[0] == 1
+    assert per_entry * one <= OPTS.entry_bytes or per_entry == 1
