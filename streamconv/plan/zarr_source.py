@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import FormatError, ValidationError
 from ..graph.node import Node, read_chunked, view
-from ..storage import zarr_store
+from ..storage import fileio, zarr_store
 from ..storage.registry import digest_of_file
 from ..storage.zarr_shard import ZARR
 from .plan import SourceFile
@@ -44,7 +44,7 @@ class ArrayInfo:
 
 def is_store(path: str) -> bool:
     """Whether ``path`` is a zarr v3 store (a directory with a root ``zarr.json``)."""
-    return os.path.isfile(os.path.join(path, zarr_store.META))
+    return os.path.lexists(os.path.join(path, zarr_store.META))   # a FIFO there is a broken store, read as one
 
 
 def open_hf_source(root: str) -> HFSource:
@@ -52,23 +52,23 @@ def open_hf_source(root: str) -> HFSource:
     return ZarrSource(root) if is_store(root) else HFSource(root)
 
 
-def read_json(path: str) -> dict:
+RECORD_LIMIT = 1 << 30   # the hf group's zarr.json keeps the checkpoint's text files (each at most 64 MiB)
+
+
+def read_json(path: str, limit: int = RECORD_LIMIT) -> dict:
+    """A zarr.json document: a regular file of at most ``limit`` bytes holding a JSON object (one-line errors)."""
     try:
-        with open(path, "rb") as f:
-            obj = json.load(f)
+        return fileio.read_json(path, limit, what="zarr.json document")
     except FileNotFoundError:
         raise ValidationError(f"{path}: missing.") from None
-    except (OSError, ValueError) as exc:
-        raise ValidationError(f"{path}: not valid JSON ({exc.__class__.__name__}).") from None
-    if not isinstance(obj, dict):
-        raise ValidationError(f"{path}: not a JSON object.")
-    return obj
+    except FormatError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 def store_record(root: str) -> dict:
     """The attributes of the store's ``hf`` group (``files``, ``shards``), or {} for a store without one."""
     path = os.path.join(root, HF_GROUP, zarr_store.META)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return {}
     attrs = read_json(path).get("attributes") or {}
     return attrs if isinstance(attrs, dict) else {}
@@ -99,17 +99,19 @@ class ZarrSource(HFSource):
         names = [n for shard in self.record.get("shards", ()) for n in shard["tensors"]] or self._scan()
         member = self._stack_members()
         problems = []
-        metas: dict[str, zarr_store.ArrayMeta] = {}
+        metas: dict[str, zarr_store.ArrayMeta | None] = {}
         for name in names:
             array, j = member.get(name, (name, None))
-            meta = metas.get(array)
-            if meta is None:
+            if array not in metas:
                 try:
-                    meta = metas[array] = zarr_store.load_meta(os.path.join(self.root, array))
+                    metas[array] = zarr_store.load_meta(os.path.join(self.root, array))
+                    self.files += self._files_of(array)
                 except FormatError as exc:
+                    metas[array] = None
                     problems.append(str(exc))
-                    continue
-                self.files += self._files_of(array)
+            meta = metas[array]
+            if meta is None:   # reported once per array, not per tensor of a stack
+                continue
             if j is None:
                 self.tensors[name] = (array, ArrayInfo(name, meta.dtype, meta.shape))
             elif len(meta.shape) < 2 or j >= meta.shape[0]:

@@ -39,6 +39,7 @@ from . import fileio
 from .safetensors import bytes_to_tensor
 
 META = "zarr.json"
+META_LIMIT = 16 << 20   # an array's zarr.json: shape, codecs, attributes (a few KB in practice)
 COMPRESSORS = ("none", "zstd", "blosc")
 STORED_AS = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8"}
 NATIVE = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64")
@@ -249,10 +250,9 @@ def load_meta(path: str) -> ArrayMeta:
 @functools.lru_cache(maxsize=4096)
 def _load_meta(doc: str, _size: int, _mtime: int) -> ArrayMeta:
     try:
-        with open(doc, "rb") as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{doc}: not readable as JSON ({exc.__class__.__name__}).") from None
+        obj = fileio.read_json(doc, META_LIMIT, what="array's zarr.json")
+    except FileNotFoundError:
+        raise FormatError(f"{doc}: missing; its array is not a zarr array. Check --load-dir.") from None
     return parse_meta(obj, doc)
 
 

@@ -117,3 +117,40 @@ def test_a_100mb_dataset_row(tmp_path):
     bounded(result, err, "row 1 (line 2): the row is 104857")
     assert result["peak_mb"] < 200, result  # the dataset command imports no torch: the whole process counts
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def store(world, tmp_path_factory):
+    from streamconv.cli.main import main
+
+    out = str(tmp_path_factory.mktemp("store") / "store")
+    assert main(["convert", "hf2zarr", "--load-dir", world["hf"], "--save-dir", out, "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("doc", ["zarr.json", "hf/zarr.json", "model.embed_tokens.weight/zarr.json",
+                                 "model.layers.1.mlp.experts.0-7.up_proj.weight/zarr.json"])
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo"])
+def test_store_documents_that_are_not_files(store, tmp_path, cli, doc, kind):
+    """A zarr store's JSON documents are read like the tracker: regular files of bounded size, or one error."""
+    mine = copy_tree(store, tmp_path / "store")
+    path = os.path.join(mine, doc)
+    os.remove(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/zero", path)
+    bounded(*timed(cli, "convert", "hf2mcore", "--load-dir", mine, "--save-dir", tmp_path / "out", "--no-progress"),
+            "not a regular file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stack_named_outside_the_store(store, tmp_path, cli):
+    mine = copy_tree(store, tmp_path / "store")
+    record = os.path.join(mine, "hf", "zarr.json")
+    doc = json.load(open(record))
+    doc["attributes"]["stacks"][0][0] = "../../etc"
+    json.dump(doc, open(record, "w"))
+    bounded(*timed(cli, "convert", "zarr2hf", "--load-dir", mine, "--save-dir", tmp_path / "out", "--no-progress"),
+            "a 'stacks' entry is not [array name, [tensor names]]")
+    assert not (tmp_path / "out").exists()
