@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -138,9 +139,7 @@ def stacked_chunking(shape: tuple[int, ...], itemsize: int, edge: int, opts: Sto
     chunk never mixes experts; a shard holds whole experts (a divisor of n within ``shard_bytes``), an entry
     whole experts within ``entry_bytes``."""
     inner, _, _ = chunking(tuple(shape[1:]), itemsize, edge, opts)
-    one = itemsize
-    for d in shape[1:]:
-        one *= d
+    one = itemsize * math.prod(shape[1:])
     per_shard = _divisor_at_most(shape[0], max(1, opts.shard_bytes // max(one, 1)))
     per_entry = _divisor_at_most(per_shard, max(1, opts.entry_bytes // max(one, 1)))
     return (1,) + inner, (per_shard,) + tuple(shape[1:]), per_entry
@@ -217,7 +216,7 @@ def store_edge(layout: HFLayout, opts: StoreOptions) -> int:
 def stacks(layout: HFLayout, opts: StoreOptions) -> dict[str, tuple[str, ...]]:
     """Array name -> the HF tensors it holds, element j being tensor j, for every group of routed-expert tensors
     of one layer and projection (the model family says which, :meth:`ModelSpec.expert_stack`) that has experts
-    0..n-1, n >= 2, all 2-D of one dtype and shape.  A 671B store is then ~3 000 arrays, not ~92 000, and a
+    0..n-1, n >= 2, all 2-D of one dtype and shape.  A 671B store is then ~1 700 arrays, not ~92 000, and a
     rank's experts are a band of one array.  The array is named like its tensors with the index replaced by
     the range: ``model.layers.3.mlp.experts.0-255.gate_proj.weight``."""
     if not opts.stack_experts:
@@ -226,25 +225,24 @@ def stacks(layout: HFLayout, opts: StoreOptions) -> dict[str, tuple[str, ...]]:
         spec = model_for_config(layout.config(), CONFIG)
     except ValidationError:   # a family we do not know (its store needs --chunk-edge): every tensor its own array
         return {}
-    groups: dict[str, dict[int, Node]] = {}
-    names: dict[str, dict[int, str]] = {}
-    for shard in layout.shards:
-        for name, node in shard.tensors:
-            hit = spec.expert_stack(name)
-            if hit is not None:
-                groups.setdefault(hit[0], {})[hit[1]] = node
-                names.setdefault(hit[0], {})[hit[1]] = name
-    taken = {name for shard in layout.shards for name, _ in shard.tensors}
+    nodes = {name: node for shard in layout.shards for name, node in shard.tensors}
+    groups: dict[str, dict[int, str]] = {}   # stack key -> expert index -> tensor name
+    for name in nodes:
+        hit = spec.expert_stack(name)
+        if hit is not None:
+            groups.setdefault(hit[0], {})[hit[1]] = name
     out = {}
     for key, members in groups.items():
         n = len(members)
-        first = members.get(0)
-        if n < 2 or sorted(members) != list(range(n)) or len(first.shape) != 2 or any(
-                m.dtype != first.dtype or m.shape != first.shape for m in members.values()):
+        if n < 2 or sorted(members) != list(range(n)):
+            continue
+        first = nodes[members[0]]
+        if len(first.shape) != 2 or any(nodes[t].dtype != first.dtype or nodes[t].shape != first.shape
+                                        for t in members.values()):
             continue
         array = key.replace("{j}", f"0-{n - 1}")
-        if array not in taken:
-            out[array] = tuple(names[key][j] for j in range(n))
+        if array not in nodes:
+            out[array] = tuple(members[j] for j in range(n))
     return out
 
 
