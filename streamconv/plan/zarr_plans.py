@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 from .. import __version__
 from ..errors import ValidationError
-from ..graph.node import Node, cat, narrow_dim, transpose, view
+from ..graph.node import Node, Op, cat, narrow_dim, transpose, view
 from ..models import model_for_config
 from ..storage import zarr_store
 from ..storage.safetensors import SAFETENSORS
@@ -148,11 +148,15 @@ def stacked_chunking(shape: tuple[int, ...], itemsize: int, edge: int, opts: Sto
 def _entry(src: Node, start: int, rows: int, chunk: tuple[int, ...]) -> Node:
     """Rows ``[start, start + rows)`` of ``src`` (whole chunk rows) as the stack of their inner chunks, in the
     shard index's order: one read of the rows, regrouped by views and one transpose (one copy when run)."""
+    if len(chunk) == 3 and chunk[0] == 1 and src.op is Op.CAT and len(src.src) == src.shape[0]:
+        # a stack (a cat of its elements): each element's chunk grid regrouped by views, the cat last, so the
+        # entry is one copy of strided reads rather than a copy of the cat and another of its transpose
+        r, c = src.shape[1], src.shape[2]
+        k = (r // chunk[1]) * (c // chunk[2])
+        grids = [view(transpose(view(e, (r // chunk[1], chunk[1], c // chunk[2], chunk[2])), 1, 2), (k,) + chunk)
+                 for e in src.src[start:start + rows]]
+        return cat(grids, 0)
     band = narrow_dim(src, 0, start, start + rows)
-    if len(chunk) == 3 and chunk[0] == 1:  # a stack: each element's [rows, cols] cut like a 2-D array
-        n, r, c = rows, src.shape[1], src.shape[2]
-        grid = transpose(view(band, (n, r // chunk[1], chunk[1], c // chunk[2], chunk[2])), 2, 3)
-        return view(grid, (n * (r // chunk[1]) * (c // chunk[2]), 1, chunk[1], chunk[2]))
     k = rows // chunk[0]
     if len(chunk) == 2 and chunk[1] != src.shape[1]:
         n = src.shape[1] // chunk[1]
