@@ -81,6 +81,18 @@ class BlockQuant:
                 and list(quantization_config.get("weight_block_size", mine["weight_block_size"]))
                 == list(mine["weight_block_size"]))
 
+    def announced_by(self, obj: dict, path: str) -> bool:
+        """Whether config.json ``obj`` announces this scheme: False without a ``quantization_config`` of its
+        method; a ValidationError when it names the method with another block size (a format we cannot read)."""
+        q = obj.get("quantization_config") or {}
+        if not isinstance(q, dict) or q.get("quant_method") != self.config_dict["quant_method"]:
+            return False
+        if not self.describes(q):
+            raise ValidationError(f"{path}: quantization_config.weight_block_size {q.get('weight_block_size')} "
+                                  f"(expected {list(self.block)}); only the {self.block[0]}x{self.block[1]} block "
+                                  f"format is supported.")
+        return True
+
 
 class ModelConfig(Protocol):
     """The generic sizes every family's config exposes (its own fields keep their config.json names)."""

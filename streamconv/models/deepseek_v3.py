@@ -53,7 +53,7 @@ class DeepSeekV3Config:
             raise ValidationError(f"{path}: missing or non-integer field(s) {', '.join(missing)}. "
                                   f"Is this a {title} config.json?")
         mtp = obj.get("num_nextn_predict_layers") or 0
-        return cls(**{f: obj[f] for f in required}, num_nextn_predict_layers=mtp, fp8=fp8_of(obj, path))
+        return cls(**{f: obj[f] for f in required}, num_nextn_predict_layers=mtp, fp8=FP8_BLOCK_128.announced_by(obj, path))
 
     # the generic sizes (mapping.spec.ModelConfig)
     num_experts = property(lambda self: self.n_routed_experts)
@@ -64,18 +64,6 @@ class DeepSeekV3Config:
     @property
     def shared_ffn(self) -> int:
         return self.moe_intermediate_size * self.n_shared_experts
-
-
-def fp8_of(obj: dict, path: str) -> bool:
-    """Whether config.json announces the 128x128 block FP8 release format (and no other quantization)."""
-    q = obj.get("quantization_config") or {}
-    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
-        return False
-    if not FP8_BLOCK_128.describes(q):
-        raise ValidationError(f"{path}: quantization_config.weight_block_size {q.get('weight_block_size')} "
-                              f"(expected {list(FP8_BLOCK_128.block)}); only the {FP8_BLOCK_128.block[0]}x"
-                              f"{FP8_BLOCK_128.block[1]} block format is supported.")
-    return True
 
 
 # --- the mcore side: tables -----------------------------------------------------------------------------------------

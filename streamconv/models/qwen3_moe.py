@@ -18,7 +18,6 @@ from ..layout.placement import expert_tp_size
 from ..mapping.rules import Row, Split, row
 from ..mapping.spec import HFTensor, ModelSpec
 from ..mapping.spec import TensorKind as K
-from .deepseek_v3 import fp8_of
 from .quant import FP8_BLOCK_128
 from .registry import register_model
 
@@ -63,7 +62,7 @@ def _config_from_json(obj: dict, path: str) -> Qwen3MoeConfig:
     if head_dim is None:  # transformers' default
         head_dim = obj["hidden_size"] // max(obj["num_attention_heads"], 1)
     return Qwen3MoeConfig(**{f: obj[f] for f in REQUIRED}, head_dim=head_dim, num_experts=counts.pop(),
-                          tie_word_embeddings=bool(obj.get("tie_word_embeddings", False)), fp8=fp8_of(obj, path))
+                          tie_word_embeddings=bool(obj.get("tie_word_embeddings", False)), fp8=FP8_BLOCK_128.announced_by(obj, path))
 
 
 class Qwen3Moe(ModelSpec):
