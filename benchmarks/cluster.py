@@ -37,7 +37,7 @@ from .common import drop_caches, raw_copy_script, run_measured, save_json
 from .harness import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.e2e.cluster import Cluster, io_counters, process_tree  # noqa: E402
+from tests.e2e.cluster import Cluster, process_tree  # noqa: E402
 
 GB = 1e9
 RECIPES = ("sft_num_layer_list", "pretrain_etp1", "convert_example_vpp")

@@ -3,7 +3,7 @@ leaves other files alone, and nothing may overwrite an input."""
 
 import os
 
-from streamconv.execute.executor import RunOptions, run_plan
+from streamconv.execute.executor import run_plan
 from streamconv.layout.options import McoreOptions
 from streamconv.layout.parallel import ParallelSizes
 from streamconv.plan.planner import plan_hf_to_mcore

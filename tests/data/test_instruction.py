@@ -2,7 +2,6 @@
 the eager reference; null outputs dropped; history/system only through --map-keys; truncation."""
 
 import json
-import os
 
 import numpy as np
 import pytest

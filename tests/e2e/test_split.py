@@ -14,7 +14,7 @@ import pytest
 
 from streamconv.cli.main import main
 from streamconv.execute import journal
-from streamconv.execute.executor import RunOptions, run_plan
+from streamconv.execute.executor import run_plan
 from streamconv.layout.options import McoreOptions
 from streamconv.layout.parallel import ParallelSizes
 from streamconv.plan.mcore2hf import plan_mcore_to_hf
