@@ -62,7 +62,8 @@ def _config_from_json(obj: dict, path: str) -> Qwen3MoeConfig:
     if head_dim is None:  # transformers' default
         head_dim = obj["hidden_size"] // max(obj["num_attention_heads"], 1)
     return Qwen3MoeConfig(**{f: obj[f] for f in REQUIRED}, head_dim=head_dim, num_experts=counts.pop(),
-                          tie_word_embeddings=bool(obj.get("tie_word_embeddings", False)), fp8=FP8_BLOCK_128.announced_by(obj, path))
+                          tie_word_embeddings=bool(obj.get("tie_word_embeddings", False)),
+                          fp8=FP8_BLOCK_128.announced_by(obj, path))
 
 
 class Qwen3Moe(ModelSpec):
