@@ -126,7 +126,7 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
                    help="inner chunk compression (default none: bf16 weights compress little; see "
                         "docs/performance.md)")
     p.add_argument("--compression-level", type=int, default=None, metavar="N",
-                   help="zstd/blosc level 1-9 (default 1 for zstd: weights compress as well as at 3, up to 5x "
+                   help="zstd/blosc level 1-9 (default 1 for zstd: weights compress as well as at 3, up to 8x "
                         "faster; 3 for blosc, whose shuffle gains from it)")
     p.add_argument("--chunk-edge", type=int, default=None, metavar="N",
                    help="chunk rows and the column granule (default: the model's FP8 block edge, 128)")
