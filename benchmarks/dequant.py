@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     w2, s2 = make(args.rows, args.cols, 1)
     n = w.numel()
     kw = {"block": (128, 128), "origin": (0, 0), "dtype": torch.bfloat16}
-    if dequant.HAVE_NUMBA:
+    if dequant.have_numba():
         dequant._dequant_numba(w[:256, :256], s, **kw)  # compile (or load the cache) outside the timings
 
     t_torch, ref = best_of(args.repeat, lambda: dequant.dequant_reference(w, s, block=(128, 128)))
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             return a.result(), b.result()
 
     paths = [("numpy_lut", dequant._dequant_numpy)]
-    if dequant.HAVE_NUMBA:
+    if dequant.have_numba():
         paths.append(("numba", dequant._dequant_numba))
     for name, fn in paths:
         t1, out = best_of(args.repeat, lambda: fn(w, s, **kw))
@@ -88,12 +88,12 @@ def main(argv=None) -> int:
                          "vs_torch": rate / (n / t_torch / 1e9), "bit_exact": exact}
         print(f"  {name:18s} {seconds * 1e3:8.1f} ms  {rate:6.3f} Gelem/s  {results[name]['vs_torch']:6.2f}x torch"
               f"  {'bit-exact' if exact else 'MISMATCH'}")
-    if dequant.HAVE_NUMBA:
+    if dequant.have_numba():
         scaling = results["numba_2threads"]["gelem_per_s"] / results["numba_1thread"]["gelem_per_s"]
         print(f"  numba 2 threads / 1 thread: {scaling:.2f}x throughput")
     save_json(args.out, {"scenario": "dequant_fp8_block e4m3fn -> bf16", "shape": [args.rows, args.cols],
                          "block": [128, 128], "repeat": args.repeat, "torch_threads": torch.get_num_threads(),
-                         "cpu_count": os.cpu_count(), "have_numba": dequant.HAVE_NUMBA, "results": results})
+                         "cpu_count": os.cpu_count(), "have_numba": dequant.have_numba(), "results": results})
     return 0 if all(r["bit_exact"] for r in results.values()) else 1
 
 

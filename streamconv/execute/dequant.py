@@ -8,7 +8,8 @@ That is bit-exact by construction (NaN payloads, infinities, subnormals and sign
 output bit pattern was produced by torch itself) and needs no float32 temporary of the weight's size.
 
 The gather runs in a small numba kernel when numba imports (about 5x numpy's ``take``, see
-``benchmarks/dequant.py``), else in numpy.  The kernel is compiled with ``nogil=True``: the executor runs
+``benchmarks/dequant.py``), else in numpy.  numba is imported and the kernel compiled (or loaded from numba's
+cache) on the first dequantization, not at import: a bf16 job never pays for numba's ~60 MiB.  The kernel is compiled with ``nogil=True``: the executor runs
 several worker threads in one process, and a kernel that kept the GIL (as ``np.take`` does) would
 serialise them, leaving the second core idle on what is the CPU bottleneck of an FP8 conversion.
 """
@@ -16,6 +17,7 @@ serialise them, leaving the second core idle on what is the CPU bottleneck of an
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import torch
@@ -76,8 +78,20 @@ def _jit(fn):
         return numba.njit(nogil=True)(fn)
 
 
-_gather_numba = _jit(_gather_py)
-HAVE_NUMBA = _gather_numba is not None  # the fast path is in use
+_gather_numba = None          # the compiled gather, once have_numba() has run and found numba
+HAVE_NUMBA: bool | None = None  # whether the fast path is in use; None until the first dequantization asks
+_COMPILE = threading.Lock()   # several executor threads may ask at once: compile once
+
+
+def have_numba() -> bool:
+    """Whether the numba gather is in use, importing numba and compiling the kernel on the first call."""
+    global _gather_numba, HAVE_NUMBA
+    if HAVE_NUMBA is None:
+        with _COMPILE:
+            if HAVE_NUMBA is None:
+                _gather_numba = _jit(_gather_py)
+                HAVE_NUMBA = _gather_numba is not None
+    return HAVE_NUMBA
 
 
 def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int],
@@ -91,7 +105,7 @@ def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int,
     if out is not None and (tuple(out.shape) != tuple(w.shape) or out.dtype != dtype or out.device.type != "cpu"):
         raise GraphError(f"dequant_fp8_block: out must be a CPU {dtype}{list(w.shape)} tensor (got "
                          f"{out.dtype}{list(out.shape)} on {out.device}).")
-    if HAVE_NUMBA:
+    if have_numba():
         return _dequant_numba(w, scale, block=block, origin=origin, dtype=dtype, out=out)
     return _dequant_numpy(w, scale, block=block, origin=origin, dtype=dtype, out=out)
 

@@ -21,6 +21,7 @@ in rare double-rounding ties).
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import torch
@@ -124,8 +125,20 @@ def _build():
     return _kernels(numba.njit(nogil=True), fma32, as_bits, as_float)
 
 
-_fma_chain, _merge_bf16 = _build()
-HAVE_NUMBA = _fma_chain is not None
+_fma_chain = _merge_bf16 = None   # the compiled kernels, once have_numba() has run and found numba
+HAVE_NUMBA: bool | None = None    # None until a LoRA product is first computed (numba is imported then)
+_COMPILE = threading.Lock()
+
+
+def have_numba() -> bool:
+    """Whether the numba kernels are available, importing numba on the first call (not at import)."""
+    global _fma_chain, _merge_bf16, HAVE_NUMBA
+    if HAVE_NUMBA is None:
+        with _COMPILE:
+            if HAVE_NUMBA is None:
+                _fma_chain, _merge_bf16 = _build()
+                HAVE_NUMBA = _fma_chain is not None
+    return HAVE_NUMBA
 
 
 def product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -136,7 +149,7 @@ def product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     global _fma_chain
-    if _fma_chain is not None:
+    if have_numba() and _fma_chain is not None:
         try:
             _fma_chain(l32.numpy(), r32.numpy(), out.numpy())   # compiled on first use
             return out
@@ -157,7 +170,7 @@ def merge_lora(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, alph
     out = torch.empty((rows, cols), dtype=w.dtype)
     if rows == 0 or cols == 0:
         return out
-    if w.dtype == torch.bfloat16 and _merge_bf16 is not None:
+    if w.dtype == torch.bfloat16 and have_numba() and _merge_bf16 is not None:
         try:   # one fused pass (the bytes of the torch path below, without its float32 temporaries)
             _merge_bf16(w.view(torch.uint16).numpy(), left.to(torch.float32).contiguous().numpy(),
                         right.to(torch.float32).contiguous().numpy(), out.view(torch.uint16).numpy(),

@@ -13,10 +13,9 @@ import json
 import os
 
 from ..errors import PlanError, ValidationError
-from ..graph.node import READS, Op, toposort
 from ..layout.options import McoreOptions
 from ..layout.parallel import ParallelSizes, RankFile, rank_dir
-from ..plan.plan import OutputFile, Plan
+from ..plan.plan import OutputFile, Plan, sources_read
 
 SIZE_FLAGS = {"target_tensor_parallel_size": "tp", "target_pipeline_parallel_size": "pp",
               "target_expert_parallel_size": "ep"}
@@ -212,13 +211,8 @@ def plan_rank_from_hf(load_dir: str, r: RankFile, kw: dict) -> tuple[Plan, Outpu
 
 def restrict_sources(plan: Plan, f: OutputFile, source_root: str | None = None) -> Plan:
     """``plan`` with only ``f`` and the source files its graphs read (so staleness checks touch only those)."""
-    reads = [n for t in f.tensors for n in toposort([t.node]) if n.op in READS]
-    files = {n.arg.file for n in reads if n.op is Op.READ}
-    arrays = tuple(n.arg.file + "/" for n in reads if n.op is not Op.READ)  # chunked arrays: directories of files
-    return dataclasses.replace(plan, files=(f,), checks=(),
-                               source_files=tuple(s for s in plan.source_files
-                                                  if s.name in files or s.name.startswith(arrays)),
-                               source_root=source_root or plan.source_root)
+    return dataclasses.replace(plan, files=(f,), checks=(), source_root=source_root or plan.source_root,
+                               source_files=sources_read(plan, [t.node for t in f.tensors]))
 
 
 def check_sources(plan: Plan) -> None:

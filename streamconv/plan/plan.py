@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..errors import FormatError, GraphError, PlanError
 from ..graph.codec import NodeTable, nodes_from_json
-from ..graph.node import Node
+from ..graph.node import READS, Node, Op, toposort
 from ..storage import fileio
 from ..storage.registry import format_names
 
@@ -282,3 +282,13 @@ def _safe_relpath(p: str, plan_path: str) -> str:
     if norm != p or norm.startswith("../") or norm == ".." or norm == ".":
         raise PlanError(f"{plan_path}: output path {p!r} escapes or is not normalised; refusing the plan.")
     return p
+
+
+def sources_read(plan: Plan, roots) -> tuple[SourceFile, ...]:
+    """The plan's source files the graphs ``roots`` read: each plain read's file, and every file of each chunked
+    array they read (an array is a directory of files: its metadata and its chunks or shards).  What a part of
+    the plan (one rank, one host's files) must list so the audit and the staleness checks cover its reads."""
+    reads = [n for n in toposort(list(roots)) if n.op in READS]
+    files = {n.arg.file for n in reads if n.op is Op.READ}
+    arrays = tuple({n.arg.file + "/" for n in reads if n.op is not Op.READ})
+    return tuple(s for s in plan.source_files if s.name in files or s.name.startswith(arrays))

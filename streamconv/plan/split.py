@@ -31,7 +31,7 @@ from ..errors import PlanError
 from ..graph.node import Op, toposort
 from ..graph.rewrite import push_slices
 from ..storage.registry import get_format
-from .plan import Plan
+from .plan import Plan, sources_read
 
 Extents = dict[str, list[tuple[int, int]]]   # source file -> sorted, disjoint [start, end) byte ranges
 
@@ -78,8 +78,34 @@ def read_extents(plan: Plan, files: list[int] | None = None) -> dict[int, Extent
         for n in toposort(roots):
             if n.op is Op.READ:
                 spans.setdefault(n.arg.file, []).append(_read_span(n.arg))
+            elif n.op is Op.READ_CHUNKED:
+                spans.setdefault(n.arg.file, []).extend(_chunked_spans(n.arg))
         out[fi] = {name: _merge(s) for name, s in spans.items()}
     return out
+
+
+MAX_RUNS = 4096   # runs per chunked read beyond which its covering span stands in (an over-count, never under)
+
+
+def _chunked_spans(a) -> list[tuple[int, int]]:
+    """The byte ranges of the array's row-major layout that a chunked read's hypercube covers (the array as if
+    stored flat; its file is the array's directory): one run per index of the dims before the last one the
+    read restricts, or the covering span when that would be more than :data:`MAX_RUNS` runs."""
+    item = types.dtype(a.dtype).itemsize
+    if not a.shape:
+        return [(0, item)]
+    if any(n == 0 for n in a.lengths):
+        return []
+    cut = max((d for d, (n, size) in enumerate(zip(a.lengths, a.shape)) if n != size), default=0)
+    stride = [item * math.prod(a.shape[d + 1:]) for d in range(len(a.shape))]
+    run = a.lengths[cut] * stride[cut]
+    starts = [sum(o * s for o, s in zip(a.offsets, stride))]
+    if math.prod(a.lengths[:cut]) > MAX_RUNS:
+        last = sum((o + n - 1) * s for o, n, s in zip(a.offsets, a.lengths, stride))
+        return [(starts[0], last + item)]
+    for d in range(cut):   # every index of the outer dims: one run of the contiguous inner block
+        starts = [s + i * stride[d] for s in starts for i in range(a.lengths[d])]
+    return [(s, s + run) for s in starts]
 
 
 def _read_span(a) -> tuple[int, int]:
@@ -250,12 +276,11 @@ def sub_plan(plan: Plan, files: list[int], checks=(), part: PartInfo | None = No
     source files those read; ``part`` marks it as a part of a split plan."""
     keep = sorted(files)
     roots = [t.node for fi in keep for t in plan.files[fi].tensors] + [n for c in checks for n in c.nodes]
-    read = {n.arg.file for n in toposort(roots) if n.op is Op.READ}
     options = dict(plan.options)
     if part is not None:
         options["part"] = {"index": part.index, "count": part.count, "of": part.of}
     return replace(plan, files=tuple(plan.files[fi] for fi in keep),
-                   source_files=tuple(s for s in plan.source_files if s.name in read),
+                   source_files=sources_read(plan, roots),
                    checks=tuple(checks), options=options)
 
 
@@ -280,6 +305,7 @@ def split_plan(plan: Plan, n: int) -> list[Plan]:
 def _reading_part(part_ext: list[Extents], node) -> int:
     """The first part whose reads overlap those of ``node`` (part 0 when none does)."""
     reads = [(n.arg.file, _read_span(n.arg)) for n in toposort([node]) if n.op is Op.READ]
+    reads += [(n.arg.file, span) for n in toposort([node]) if n.op is Op.READ_CHUNKED for span in _chunked_spans(n.arg)]
     for k, ext in enumerate(part_ext):
         for name, (s, e) in reads:
             if any(a < e and s < b for a, b in ext.get(name, ())):

@@ -15,6 +15,7 @@ import pytest
 from streamconv.cli.main import main
 from streamconv.execute import journal
 from streamconv.execute.executor import run_plan
+from streamconv.graph.node import Op, toposort
 from streamconv.layout.options import McoreOptions
 from streamconv.layout.parallel import ParallelSizes
 from streamconv.plan.mcore2hf import plan_mcore_to_hf
@@ -178,3 +179,27 @@ def test_a_tampered_part_is_refused(tiny_hf, tmp_path):
         json.dump(obj, f)
     rc, err = cli("run", parts[0], "--no-progress")
     assert rc == 2 and "options.part" in err, err
+
+
+def test_a_plan_reading_a_zarr_store_splits_and_finishes(tiny_hf, tmp_path, reference):
+    """Parts of a plan whose source is a store list the arrays' files they read (else the audit refuses them),
+    count the store's bytes in the split report, and finish to the bytes the HF directory gives."""
+    store = str(tmp_path / "store")
+    assert cli("convert", "hf2zarr", "--load-dir", tiny_hf["fp8"], "--save-dir", store, "--no-progress")[0] == 0
+    out = str(tmp_path / "mcore")
+    plan_path = str(tmp_path / "plan.json")
+    plan_hf_to_mcore(store, out, SIZES, OPTIONS).save(plan_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["plan", "split", plan_path, "--hosts", "2", "--output", str(tmp_path / "parts")]) == 0
+    report = printed.getvalue()
+    assert "source bytes read by all parts:" in report and "read by all parts: 0 B" not in report, report
+    parts = sorted(str(tmp_path / "parts" / n) for n in os.listdir(tmp_path / "parts"))
+    for p in parts:
+        sub = Plan.load(p)
+        arrays = {n.arg.file for f in sub.files for t in f.tensors for n in toposort([t.node])
+                  if n.op is Op.READ_CHUNKED}
+        assert arrays and all(any(s.name.startswith(a + "/") for s in sub.source_files) for a in arrays)
+        assert cli("run", p, "--no-progress")[0] == 0
+    assert cli("run", plan_path, "--finish")[0] == 0
+    assert tree(out) == tree(reference)

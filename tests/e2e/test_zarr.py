@@ -173,6 +173,12 @@ def test_cli_rechunk_verify_and_refusals(hf_dirs, tmp_path, capsys):
     one = "model.layers.1.mlp.experts.0.gate_proj.weight"     # z1 stacks the experts, z2 does not
     assert not (tmp_path / "z1" / one).exists() and (tmp_path / "z2" / one / "zarr.json").is_file()
     assert len(os.listdir(tmp_path / "z1")) < len(os.listdir(tmp_path / "z2"))
+    # a stacked store re-written stacked (its elements are regions of stacks) gives the checkpoint back too
+    assert main(["convert", "hf2zarr", "--load-dir", str(tmp_path / "z1"), "--save-dir", str(tmp_path / "z4"),
+                 "--compressor", "zstd"] + args) == 0
+    assert main(["convert", "zarr2hf", "--load-dir", str(tmp_path / "z4"), "--save-dir", str(tmp_path / "hf4")]
+                + args) == 0
+    assert files_of(str(tmp_path / "hf4")) == files_of(src)
     assert main(["convert", "zarr2hf", "--load-dir", str(tmp_path / "z2"), "--save-dir", str(tmp_path / "hf")]
                 + args) == 0
     assert files_of(str(tmp_path / "hf")) == files_of(src)

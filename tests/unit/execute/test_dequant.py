@@ -31,9 +31,9 @@ HAS_NUMBA = importlib.util.find_spec("numba") is not None
 def path(request):
     """Run every test of this module through both gathers (the public function picks by ``HAVE_NUMBA``).
     Module-scoped and restored by hand, not with monkeypatch: hypothesis refuses function-scoped fixtures."""
-    if request.param == "numba" and not dequant.HAVE_NUMBA:
+    if request.param == "numba" and not dequant.have_numba():
         pytest.skip("numba is not installed")
-    saved = dequant.HAVE_NUMBA
+    saved = dequant.have_numba()
     dequant.HAVE_NUMBA = request.param == "numba"
     yield request.param
     dequant.HAVE_NUMBA = saved

@@ -19,7 +19,7 @@ HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
 def test_fast_path_in_use_and_gil_free():
-    assert dequant.HAVE_NUMBA
+    assert dequant.have_numba()
     assert dequant._gather_numba is not None
     assert dequant._gather_numba.targetoptions.get("nogil") is True  # two executor threads dequantize at once
 
@@ -48,6 +48,22 @@ def test_fresh_import_uses_numba_quietly():
     p = _fresh(_SMOKE)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["True"] and p.stderr == ""
+
+
+def test_numba_is_imported_by_the_first_dequantization_not_by_the_executor():
+    """A bf16 job (or planning) never imports numba: ~60 MiB and ~0.3 s of start-up it does not need."""
+    p = _fresh("""
+        import sys
+        import streamconv.execute.executor, streamconv.execute.kernels, streamconv.loader
+        print("numba" in sys.modules)
+        import torch
+        from streamconv.execute import dequant, lora
+        w = torch.zeros(2, 2, dtype=torch.float8_e4m3fn)
+        dequant.dequant_fp8_block(w, torch.ones(1, 1), block=(128, 128))
+        print("numba" in sys.modules, dequant.HAVE_NUMBA, lora.HAVE_NUMBA)
+    """)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", str(HAS_NUMBA), str(HAS_NUMBA), "None"]
 
 
 def test_fresh_import_without_numba_falls_back():

@@ -153,7 +153,7 @@ def test_fused_bf16_kernel_equals_the_torch_ops(monkeypatch):
     """The one-pass bf16 kernel (bits and rounding by hand) gives the torch ops' bytes, edge values included:
     infinities, overflow to inf, subnormals, signed zeros, ties; NaN stays NaN (torch itself writes 0x7FC0 or
     0xFFFF depending on whether its scalar or vector conversion handles the element)."""
-    if not lora.HAVE_NUMBA:
+    if not lora.have_numba():
         pytest.skip("numba is not installed: only the torch path exists")
     g = torch.Generator().manual_seed(5)
     w = torch.randn(200, 96, generator=g).to(torch.bfloat16)
