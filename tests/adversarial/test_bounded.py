@@ -93,15 +93,19 @@ def test_absurd_layer_count(world, tmp_path, cli, value):
     assert not (tmp_path / "p.json").exists()
 
 
+def not_a_file(path, kind):
+    """Replace the file at ``path`` by a FIFO or a symlink to /dev/zero (reading either never ends)."""
+    os.remove(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/zero", path)
+
+
 @pytest.mark.parametrize("kind", ["dev-zero", "fifo"])
 def test_tracker_that_is_not_a_file(world, tmp_path, cli, kind):
     mcore = copy_tree(world["mcore"], tmp_path / "mcore")
-    tracker = os.path.join(mcore, "latest_checkpointed_iteration.txt")
-    os.remove(tracker)
-    if kind == "fifo":
-        os.mkfifo(tracker)
-    else:
-        os.symlink("/dev/zero", tracker)
+    not_a_file(os.path.join(mcore, "latest_checkpointed_iteration.txt"), kind)
     bounded(*timed(cli, "convert", "mcore2hf", "--load-dir", mcore, "--save-dir", tmp_path / "out", "--no-progress"),
             "not a regular file")
 
@@ -134,12 +138,7 @@ def store(world, tmp_path_factory):
 def test_store_documents_that_are_not_files(store, tmp_path, cli, doc, kind):
     """A zarr store's JSON documents are read like the tracker: regular files of bounded size, or one error."""
     mine = copy_tree(store, tmp_path / "store")
-    path = os.path.join(mine, doc)
-    os.remove(path)
-    if kind == "fifo":
-        os.mkfifo(path)
-    else:
-        os.symlink("/dev/zero", path)
+    not_a_file(os.path.join(mine, doc), kind)
     bounded(*timed(cli, "convert", "hf2mcore", "--load-dir", mine, "--save-dir", tmp_path / "out", "--no-progress"),
             "not a regular file")
     assert not (tmp_path / "out").exists()
