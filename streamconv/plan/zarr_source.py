@@ -4,8 +4,8 @@ planner that reads an HF directory reads a store (``hf2mcore --load-dir STORE``,
 Reads are ``read_chunked`` nodes (an array's band through the ``zarr`` format object), so a rank's plan reads
 the chunks its slices overlap and nothing else.  A tensor kept as element j of a stack (a layer's routed
 experts, the record's ``stacks``) reads ``[j:j+1]`` of the stack with the unit dim viewed away; rows or columns
-of it still narrow to a region (:func:`~streamconv.graph.rewrite.narrow`).  What the store keeps of the HF directory (config.json, the
-tokenizer files, the index, the safetensors shard layout) is in the attributes of its ``hf`` group
+of it still narrow to a region (:func:`~streamconv.graph.rewrite.narrow`).  What the store keeps of the HF
+directory (config.json, the tokenizer files, the index, the safetensors shard layout) is in the attributes of its ``hf`` group
 (:data:`HF_GROUP`); stores written by other tools need only arrays named like HF tensors and a config.json file.
 """
 
@@ -40,6 +40,11 @@ class ArrayInfo:
         from .. import types
 
         return types.nbytes(self.dtype, self.shape)
+
+
+def _plain(name) -> bool:
+    """An array name that stays inside the store: one path component, not hidden, not '.' or '..'."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def is_store(path: str) -> bool:
@@ -102,6 +107,9 @@ class ZarrSource(HFSource):
         metas: dict[str, zarr_store.ArrayMeta | None] = {}
         for name in names:
             array, j = member.get(name, (name, None))
+            if not _plain(array):
+                raise ValidationError(f"{self.root}/{HF_GROUP}: {array!r} cannot be an array of the store (a name "
+                                      f"with '/' or a leading '.' lies outside it). The store is damaged; re-create it.")
             if array not in metas:
                 try:
                     metas[array] = zarr_store.load_meta(os.path.join(self.root, array))
@@ -127,8 +135,8 @@ class ZarrSource(HFSource):
         """Tensor -> (array, index) for the tensors the record says are stored stacked."""
         out = {}
         for item in self.record.get("stacks", ()):
-            ok = isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], list)
-            if not ok or not all(isinstance(t, str) for t in item[1]) or "/" in item[0] or item[0].startswith("."):
+            ok = isinstance(item, list) and len(item) == 2 and _plain(item[0]) and isinstance(item[1], list)
+            if not ok or not all(isinstance(t, str) for t in item[1]):
                 raise ValidationError(f"{self.root}/{HF_GROUP}: a 'stacks' entry is not [array name, [tensor "
                                       f"names]]. The store is damaged; re-create it.")
             for j, name in enumerate(item[1]):

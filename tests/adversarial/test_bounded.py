@@ -144,12 +144,19 @@ def test_store_documents_that_are_not_files(store, tmp_path, cli, doc, kind):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_stack_named_outside_the_store(store, tmp_path, cli):
+@pytest.mark.parametrize("where", ["stacks", "shards"])
+def test_an_array_named_outside_the_store(store, tmp_path, cli, where):
+    """The store's record names its arrays; a name that would lead out of the store is refused before any read."""
     mine = copy_tree(store, tmp_path / "store")
     record = os.path.join(mine, "hf", "zarr.json")
     doc = json.load(open(record))
-    doc["attributes"]["stacks"][0][0] = "../../etc"
+    if where == "stacks":
+        doc["attributes"]["stacks"][0][0] = "../../etc"
+        message = "a 'stacks' entry is not [array name, [tensor names]]"
+    else:
+        doc["attributes"]["shards"][0]["tensors"][0] = "../hf"
+        message = "'../hf' cannot be an array of the store"
     json.dump(doc, open(record, "w"))
     bounded(*timed(cli, "convert", "zarr2hf", "--load-dir", mine, "--save-dir", tmp_path / "out", "--no-progress"),
-            "a 'stacks' entry is not [array name, [tensor names]]")
+            message)
     assert not (tmp_path / "out").exists()
