@@ -34,6 +34,7 @@ from streamconv.layout.parallel import ParallelSizes
 from streamconv.plan.mcore2hf import plan_mcore_to_hf
 from streamconv.plan.plan import Plan
 from streamconv.plan.planner import plan_hf_to_mcore
+from streamconv.plan.zarr_plans import plan_hf_to_zarr
 from tests.e2e.cluster import DASK, ROOT, Cluster, netns_unavailable
 
 pytestmark = pytest.mark.skipif(not os.path.exists(DASK), reason=f"no dask command at {DASK}")
@@ -183,6 +184,27 @@ def test_mcore2hf_on_a_cluster_is_byte_identical(world, cluster, tmp_path):
     rc, err = cli(["run", mcore2hf_plan(world, out), "--scheduler", cluster.address, "--no-progress"])
     assert rc == 0, err
     assert_same_tree(out, world["hf_back"])
+
+
+def test_hf2mcore_from_a_zarr_store_on_a_cluster(world, cluster, tmp_path):
+    """Workers read a store's chunks from the shared filesystem as they read safetensors: the same rank files
+    as the single-process run from the HF directory, each stored byte asked for about once."""
+    store = str(tmp_path / "store")
+    run_plan(plan_hf_to_zarr(world["hf"], store), RUN)
+    warm = str(tmp_path / "warm")   # a first run loads the workers' imports (read from disk too), untimed
+    plan_hf_to_mcore(store, warm, SIZES, OPTIONS).save(warm + ".plan.json")
+    assert cli(["run", warm + ".plan.json", "--scheduler", cluster.address, "--no-progress"])[0] == 0
+    out = str(tmp_path / "mcore")
+    path = out + ".plan.json"
+    plan_hf_to_mcore(store, out, SIZES, OPTIONS).save(path)
+    before = cluster.read_bytes_by_worker()
+    rc, err = cli(["run", path, "--scheduler", cluster.address, "--no-progress"])
+    read = [a - b for a, b in zip(cluster.read_bytes_by_worker(), before)]
+    assert rc == 0, err
+    assert_same_tree(out, world["mcore"])
+    source = sum(s.size for s in Plan.load(path).source_files)
+    print(f"workers asked for {sum(read) / source:.3f}x the store's bytes ({read})")
+    assert sum(read) <= 1.2 * source, (read, source)
 
 
 def kill_worker_during_run(world, cluster, tmp_path, point: str, direction: str = "hf2mcore") -> None:
