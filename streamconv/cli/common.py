@@ -67,8 +67,8 @@ def add_mcore2hf_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-export", action="store_true",
                    help="write linear weights in DeepSeek's FP8 release format (128x128 block scales)")
     p.add_argument("--fp8-scales-from", metavar="HF_DIR", default=None,
-                   help="the original FP8 release: reuse its scales wherever the weights still fit them (FP8 -> "
-                        "mcore -> FP8 is then exact; blocks grown by training get fresh scales)")
+                   help="the original FP8 release (HF directory or zarr store): reuse its scales wherever the weights "
+                        "still fit them (FP8 -> mcore -> FP8 is then exact; blocks grown by training get fresh scales)")
     add_lora_flags(p)
 
 

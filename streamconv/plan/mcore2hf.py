@@ -30,7 +30,8 @@ from .lora import Inventory, LoraOptions, MergedRanks, build_inventory
 from .lora_export import adapter_modules, export_files
 from .mcore_source import McoreSource
 from .plan import OutputFile, OutputTensor, Plan, ReplicaCheck, SourceFile
-from .sources import INDEX_NAME, HFSource
+from .sources import INDEX_NAME
+from .zarr_source import open_hf_source
 from .trust import check_disjoint
 
 RECORD = "streamconv_source.json"   # written by hf2mcore next to the tracker: HF config and layout
@@ -299,7 +300,7 @@ def _fp8_export(spec: ModelSpec, cfg, out_cfg, sizes, options, tensors: dict[str
     files: list[SourceFile] = []
     rename = output_to_source_layer(spec, cfg, sizes, options)
     if scales_from:
-        original = HFSource(scales_from, q)
+        original = open_hf_source(scales_from, q)   # an HF directory, or a zarr store holding the release
         for f in original.files:
             files.append(SourceFile(scales_prefix + f.name, f.size, f.header_sha256))
     out: dict[str, Node] = {}
@@ -314,8 +315,8 @@ def _fp8_export(spec: ModelSpec, cfg, out_cfg, sizes, options, tensors: dict[str
             src_name = rename(name) + q.scale_suffix
             want = q.scale_shape(node.shape)
             if not original.has(src_name):
-                problems.append(f"{os.path.join(original.root, INDEX_NAME)}: no {src_name}. --fp8-scales-from must be "
-                                f"the FP8 release this checkpoint was converted from.")
+                problems.append(f"{original.root}: no {src_name}. --fp8-scales-from must be the FP8 release this "
+                                f"checkpoint was converted from.")
                 continue
             info = original.info(src_name)
             weight = original.info(rename(name))
@@ -323,11 +324,9 @@ def _fp8_export(spec: ModelSpec, cfg, out_cfg, sizes, options, tensors: dict[str
                 problems.append(f"{src_name}: {info.dtype}{list(info.shape)} in --fp8-scales-from does not fit "
                                 f"{name} {list(node.shape)} (expected float32{list(want)} scales of an FP8 weight).")
                 continue
-            shard = original.tensors[src_name][0]
             # the original scales wherever the weights still fit them: exact for unchanged weights, and a
             # fine-tuned weight that grew past its block's range gets a fresh scale instead of being clipped
-            scale = fp8_block_scale(node, block=q.block, prefer=read(scales_prefix + shard, src_name, info.dtype,
-                                                                     info.shape, offset=info.start))
+            scale = fp8_block_scale(node, block=q.block, prefer=original.raw(src_name, scales_prefix))
         out[name] = quant_fp8_block(node, scale, block=q.block)
         out[name + q.scale_suffix] = scale
     if problems:

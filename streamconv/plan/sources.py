@@ -51,10 +51,11 @@ class HFSource:
     def info(self, name: str) -> st.TensorInfo:
         return self.tensors[name][1]
 
-    def raw(self, name: str) -> Node:
-        """A read of the stored bytes, no dequantization."""
+    def raw(self, name: str, prefix: str = "") -> Node:
+        """A read of the stored bytes, no dequantization; ``prefix``: this source's path under the plan's source
+        root, when the plan reads from several directories."""
         shard, info = self.tensors[name]
-        return read(shard, name, info.dtype, info.shape, offset=info.start)
+        return read(prefix + shard, name, info.dtype, info.shape, offset=info.start)
 
     def get(self, name: str) -> Node:
         node = self._nodes.get(name)

@@ -5,8 +5,9 @@ Reads are ``read_chunked`` nodes (an array's band through the ``zarr`` format ob
 the chunks its slices overlap and nothing else.  A tensor kept as element j of a stack (a layer's routed
 experts, the record's ``stacks``) reads ``[j:j+1]`` of the stack with the unit dim viewed away; rows or columns
 of it still narrow to a region (:func:`~streamconv.graph.rewrite.narrow`).  What the store keeps of the HF
-directory (config.json, the tokenizer files, the index, the safetensors shard layout) is in the attributes of its ``hf`` group
-(:data:`HF_GROUP`); stores written by other tools need only arrays named like HF tensors and a config.json file.
+directory (config.json, the tokenizer files, the index, the safetensors shard layout) is in the attributes of
+its ``hf`` group (:data:`HF_GROUP`); stores written by other tools need only arrays named like HF tensors and a
+config.json file.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def is_store(path: str) -> bool:
     return os.path.lexists(os.path.join(path, zarr_store.META))   # a FIFO there is a broken store, read as one
 
 
-def open_hf_source(root: str) -> HFSource:
+def open_hf_source(root: str, quant=None) -> HFSource:
     """The HF tensors at ``root``: a :class:`ZarrSource` for a zarr store, else an :class:`HFSource`."""
-    return ZarrSource(root) if is_store(root) else HFSource(root)
+    return ZarrSource(root, quant) if is_store(root) else HFSource(root, quant)
 
 
 RECORD_LIMIT = 1 << 30   # the hf group's zarr.json keeps the checkpoint's text files (each at most 64 MiB)
@@ -109,7 +110,8 @@ class ZarrSource(HFSource):
             array, j = member.get(name, (name, None))
             if not _plain(array):
                 raise ValidationError(f"{self.root}/{HF_GROUP}: {array!r} cannot be an array of the store (a name "
-                                      f"with '/' or a leading '.' lies outside it). The store is damaged; re-create it.")
+                                      f"with '/' or a leading '.' lies outside it). The store is damaged; re-create "
+                                      f"it.")
             if array not in metas:
                 try:
                     metas[array] = zarr_store.load_meta(os.path.join(self.root, array))
@@ -178,13 +180,14 @@ class ZarrSource(HFSource):
                 return obj
         return super().config()   # a store written by another tool: config.json next to zarr.json
 
-    def raw(self, name: str) -> Node:
-        """A chunked read of the stored values (FP8 stays FP8), the whole array."""
+    def raw(self, name: str, prefix: str = "") -> Node:
+        """A chunked read of the stored values (FP8 stays FP8), the whole tensor; ``prefix`` as in
+        :meth:`HFSource.raw`."""
         array, info = self.tensors[name]
         stacked = self._stacked.get(name)
         if stacked is None:
-            return read_chunked(array, name, ZARR.name, info.dtype, info.shape)
+            return read_chunked(prefix + array, name, ZARR.name, info.dtype, info.shape)
         j, shape = stacked   # element j of a stack: a region of it, the unit dim viewed away
-        node = read_chunked(array, name, ZARR.name, info.dtype, shape, offsets=(j,) + (0,) * len(info.shape),
-                            lengths=(1,) + tuple(info.shape))
+        node = read_chunked(prefix + array, name, ZARR.name, info.dtype, shape,
+                            offsets=(j,) + (0,) * len(info.shape), lengths=(1,) + tuple(info.shape))
         return view(node, info.shape)

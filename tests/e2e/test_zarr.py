@@ -25,7 +25,7 @@ from streamconv import synth
 from streamconv.cli.main import main
 from streamconv.errors import ValidationError
 from streamconv.execute.executor import RunOptions, run_plan
-from streamconv.plan.mcore2hf import plan_mcore_to_hf
+from streamconv.plan.mcore2hf import ExportOptions, plan_mcore_to_hf
 from streamconv.plan.plan import Plan
 from streamconv.plan.planner import plan_hf_to_mcore
 from streamconv.plan.zarr_plans import StoreOptions, plan_hf_to_zarr, plan_mcore_to_zarr, plan_zarr_to_hf
@@ -160,6 +160,30 @@ def test_mcore2zarr_then_zarr2hf_equals_mcore2hf(hf_dirs, tmp_path):
     run_plan(plan_hf_to_mcore(str(tmp_path / "store"), str(tmp_path / "m-store"), *target), FAST)
     run_plan(plan_hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "m-hf"), *target), FAST)
     assert files_of(str(tmp_path / "m-store")) == files_of(str(tmp_path / "m-hf"))
+
+
+def test_fp8_scales_from_a_store_equal_those_from_the_directory(hf_dirs, fp8_store, tmp_path):
+    """mcore2hf --fp8-export --fp8-scales-from takes the release as a store too: the same exact round trip."""
+    layout = dict(tp=2, ep=2, moe_grouped_gemm=True, mtp_num_layers=1)
+    mcore = str(tmp_path / "mcore")
+    run_plan(plan_hf_to_mcore(hf_dirs["fp8"], mcore, *split(layout)), FAST)
+    for name, scales in (("from-dir", hf_dirs["fp8"]), ("from-store", fp8_store)):
+        export = ExportOptions(fp8_export=True, fp8_scales_from=scales)
+        run_plan(plan_mcore_to_hf(mcore, str(tmp_path / name), *split(layout), export), FAST)
+    got = files_of(str(tmp_path / "from-store"))
+    assert got == files_of(str(tmp_path / "from-dir"))
+
+
+    def tensors(d):
+        out = {}
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".safetensors"):
+                out.update({k: v.view(torch.uint8) for k, v in load_file(os.path.join(d, f)).items()})
+        return out
+
+    back, release = tensors(str(tmp_path / "from-store")), tensors(hf_dirs["fp8"])
+    assert any(k.endswith("_scale_inv") for k in back) and set(back) <= set(release)
+    assert all(torch.equal(t, release[k]) for k, t in back.items())   # exact: the release's bytes and scales
 
 
 def test_cli_rechunk_verify_and_refusals(hf_dirs, tmp_path, capsys):
