@@ -97,8 +97,8 @@ def add_mcore_source_flags(p: argparse.ArgumentParser, layout_prefix: str = "") 
     flags (``layout_prefix`` "source-": ``--source-moe-grouped-gemm`` ..., for mcore2mcore, whose unprefixed
     layout flags describe the target), and the replica check.  Left out: the record's values."""
     p.add_argument("--hf-config", "--hf-cfg-dir", dest="hf_config", metavar="DIR", default=None,
-                   help="HF model directory whose config.json (and tokenizer files) describe the model "
-                        "(default: the config recorded by streamconv hf2mcore)")
+                   help="HF model directory (or a zarr store of it) whose config.json (and tokenizer files) "
+                        "describe the model (default: the config recorded by streamconv hf2mcore)")
     p.add_argument("--iteration", default=None, help="iteration to convert (default: the tracker file's)")
     p.add_argument("--source-tensor-parallel-size", type=int, default=None, metavar="TP")
     p.add_argument("--source-pipeline-parallel-size", type=int, default=None, metavar="PP")

@@ -31,7 +31,7 @@ from .lora_export import adapter_modules, export_files
 from .mcore_source import McoreSource
 from .plan import OutputFile, OutputTensor, Plan, ReplicaCheck, SourceFile
 from .sources import INDEX_NAME
-from .zarr_source import open_hf_source
+from .zarr_source import is_store, open_hf_source, store_record
 from .trust import check_disjoint
 
 RECORD = "streamconv_source.json"   # written by hf2mcore next to the tracker: HF config and layout
@@ -192,6 +192,16 @@ def _hf_config(load_dir: str, hf_config_dir: str | None) -> dict:
             raise ValidationError(f"{load_dir}: no {RECORD} (the checkpoint was not converted by streamconv). Pass "
                                   f"--hf-config DIR, the HF model directory holding its config.json.")
         return cfg
+    kept = _store_files(hf_config_dir)
+    if kept is not None:
+        try:
+            cfg = json.loads(kept[CONFIG]) if CONFIG in kept else None
+        except ValueError:
+            cfg = None
+        if not isinstance(cfg, dict):
+            raise ValidationError(f"{hf_config_dir}: the store keeps no valid {CONFIG} (its 'hf' record). Pass "
+                                  f"--hf-config the HF model directory instead.")
+        return cfg
     path = os.path.join(hf_config_dir, CONFIG)
     try:
         return fileio.read_json(path, SMALL_JSON, what="config.json")
@@ -201,9 +211,22 @@ def _hf_config(load_dir: str, hf_config_dir: str | None) -> dict:
         raise ValidationError(str(exc)) from None
 
 
+def _store_files(path: str) -> dict | None:
+    """The text files a zarr store at ``path`` keeps of its HF directory (name -> text), or None for a directory
+    that is not a store."""
+    if not is_store(path):
+        return None
+    files = store_record(path).get("files")
+    return {item[0]: item[1] for item in (files if isinstance(files, list) else ())
+            if isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)}
+
+
 def _companions(spec: ModelSpec, hf_config_dir: str | None) -> list[tuple[str, str]]:
     """The family's companion files (tokenizer, generation config, modeling code) found in --hf-config."""
     companions = []
+    kept = _store_files(hf_config_dir) if hf_config_dir else None
+    if kept is not None:   # a zarr store: the files its 'hf' record keeps, verbatim
+        return [(name, kept[name]) for name in spec.companions if isinstance(kept.get(name), str)]
     for name in spec.companions if hf_config_dir else ():
         p = os.path.join(hf_config_dir, name)
         if os.path.isfile(p) and os.path.getsize(p) <= COMPANION_LIMIT:

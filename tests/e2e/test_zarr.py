@@ -186,6 +186,19 @@ def test_fp8_scales_from_a_store_equal_those_from_the_directory(hf_dirs, fp8_sto
     assert all(torch.equal(t, release[k]) for k, t in back.items())   # exact: the release's bytes and scales
 
 
+def test_hf_config_from_a_store_equals_from_the_directory(hf_dirs, fp8_store, tmp_path):
+    """mcore2hf --hf-config takes a store: config.json and the tokenizer files come from its record, verbatim."""
+    layout = dict(tp=2, ep=2, moe_grouped_gemm=True, mtp_num_layers=1)
+    mcore = str(tmp_path / "mcore")
+    run_plan(plan_hf_to_mcore(hf_dirs["fp8"], mcore, *split(layout)), FAST)
+    os.remove(os.path.join(mcore, "streamconv_source.json"))   # as a checkpoint another tool wrote
+    for name, cfg in (("from-dir", hf_dirs["fp8"]), ("from-store", fp8_store)):
+        run_plan(plan_mcore_to_hf(mcore, str(tmp_path / name), *split(layout), hf_config_dir=cfg), FAST)
+    got = files_of(str(tmp_path / "from-store"))
+    assert got == files_of(str(tmp_path / "from-dir"))
+    assert got["tokenizer.json"] == files_of(hf_dirs["fp8"])["tokenizer.json"]
+
+
 def test_cli_rechunk_verify_and_refusals(hf_dirs, tmp_path, capsys):
     """The CLI spelling; a store re-written from a store (recompressed) still gives back the checkpoint;
     verify checks a store; bad input is one line before anything is written."""
