@@ -18,11 +18,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from ..errors import ValidationError
 from ..graph.node import Node
 from ..layout.options import McoreOptions
 from ..layout.parallel import ParallelSizes, RankFile
 from ..layout.placement import Chunk, Placement, expert_slice, place
 from .rules import Row, Split, apply_row, apply_split, grouped_weight1, grouped_weight2, merge_row, merge_split
+from .lora import grouped_factors, split_factors, wrapped
 from .rules import ungroup_weight1, ungroup_weight2
 from .sources import SourceTensors
 from .spec import ModelSpec
@@ -45,10 +47,21 @@ def placement(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptions) -> Pl
 
 # --- HF -> mcore ---------------------------------------------------------------------------------------------------
 
+class LoraFactors(Protocol):
+    """HF-level LoRA factors to place with the weights (resharding a checkpoint that holds base and LoRA)."""
+
+    def factors(self, hf_name: str) -> tuple[Node, Node] | None:
+        """``(A [r, in], B [out, r])`` of the HF weight ``hf_name``'s adapter, or None: not wrapped."""
+        ...
+
+
 def build_rank_tensors(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptions,
-                       src: SourceTensors, ranks=None) -> dict[RankFile, list[TargetTensor]]:
+                       src: SourceTensors, ranks=None,
+                       lora: LoraFactors | None = None) -> dict[RankFile, list[TargetTensor]]:
     """Every rank file's ordered state dict, as nodes over ``src`` (spec §3, §4); with ``ranks`` (a collection
-    of :class:`RankFile`), only those (a training job loading its own rank builds nothing else)."""
+    of :class:`RankFile`), only those (a training job loading its own rank builds nothing else).  With
+    ``lora``, every weight whose HF sources have factors is written wrapped (:func:`~.lora.wrapped`), its
+    factors split as PEFT holds them (:func:`~.lora.split_factors`)."""
     p = placement(spec, cfg, sizes, o)
     out: dict[RankFile, list[TargetTensor]] = {}
     for r in p.ranks:
@@ -63,7 +76,7 @@ def build_rank_tensors(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptio
                 items.append((EMBEDDING, apply_split(Split.COLUMN, [src.get(spec.embedding)], sizes.tp, t)))
             for local, hf in p.by_chunk.get(chunk, ()):
                 items += _layer(spec, cfg, sizes, o, src, r, f"decoder.layers.{local}.",
-                                f"{spec.layer_prefix}{hf}.", dense=hf < p.first_k)
+                                f"{spec.layer_prefix}{hf}.", dense=hf < p.first_k, lora=lora)
             if chunk == p.last:
                 items.append((p.final_norm, src.get(spec.final_norm)))
                 if not cfg.tied:
@@ -71,7 +84,7 @@ def build_rank_tensors(spec: ModelSpec, cfg, sizes: ParallelSizes, o: McoreOptio
                 elif sizes.pp > 1:  # a tied output layer off the first stage has its own copy (as MindSpeed writes it)
                     items.append((OUTPUT_LAYER, apply_split(Split.COLUMN, [src.get(spec.embedding)], sizes.tp, t)))
                 for m in range(o.mtp_num_layers):
-                    items += _mtp(spec, cfg, sizes, o, src, r, m)
+                    items += _mtp(spec, cfg, sizes, o, src, r, m, lora)
             tensors += [TargetTensor(group, name, node) for name, node in items]
         out[r] = tensors
     _declare_dropped(spec, cfg, sizes, o, src, p.hf_layers)
@@ -85,47 +98,77 @@ def _rows(spec: ModelSpec, cfg, dense: bool, o: McoreOptions) -> list[Row]:
     return rows
 
 
-def _table(rows: list[Row], src: SourceTensors, tp: int, t: int, prefix: str, hf_prefix: str) -> list[tuple[str, Node]]:
+def _factors(lora: LoraFactors | None, r: Row, sources: list[str], tp: int, t: int):
+    """Rank ``t``'s ``(A, B)`` per target of ``r`` built from HF weights ``sources``, or None (not wrapped)."""
+    pairs = [lora.factors(s) for s in sources] if lora is not None else []
+    if not any(pairs):
+        return None
+    if not all(pairs):
+        raise ValidationError(f"{', '.join(sources)}: LoRA factors on {sum(map(bool, pairs))} of the {len(pairs)} "
+                              f"weights fused into {', '.join(r.targets)}; one PEFT module wraps all of them. "
+                              f"The checkpoint is inconsistent: check that it was saved by one training run.")
+    return split_factors(r, pairs, tp, t)
+
+
+def _entries(name: str, node: Node, factors) -> list[tuple[str, Node]]:
+    return [(name, node)] if factors is None else wrapped(name, node, *factors)
+
+
+def _table(rows: list[Row], src: SourceTensors, tp: int, t: int, prefix: str, hf_prefix: str,
+           lora: LoraFactors | None = None) -> list[tuple[str, Node]]:
     items = []
     for r in rows:
-        nodes = apply_row(r, [src.get(hf_prefix + s) for s in r.sources], tp, t)
-        items += [(prefix + target, node) for target, node in zip(r.targets, nodes)]
+        names = [hf_prefix + s for s in r.sources]
+        nodes = apply_row(r, [src.get(n) for n in names], tp, t)
+        factors = _factors(lora, r, names, tp, t) or [None] * len(nodes)
+        for target, node, f in zip(r.targets, nodes, factors):
+            items += _entries(prefix + target, node, f)
     return items
 
 
 def _layer(spec: ModelSpec, cfg, sizes, o, src, r: RankFile, prefix: str, hf_prefix: str,
-           dense: bool) -> list[tuple[str, Node]]:
-    items = _table(_rows(spec, cfg, dense, o), src, sizes.tp, r.tp_rank, prefix, hf_prefix)
+           dense: bool, lora: LoraFactors | None = None) -> list[tuple[str, Node]]:
+    items = _table(_rows(spec, cfg, dense, o), src, sizes.tp, r.tp_rank, prefix, hf_prefix, lora)
     if dense:
         return items
     experts, tpe, te = expert_slice(cfg.num_experts, sizes, o, r)
     fc1, fc2 = spec.expert_rows
 
-    def piece(rule: Row, j: int) -> Node:
-        (node,) = apply_row(rule, [src.get(hf_prefix + n.format(j=j)) for n in rule.sources], tpe, te)
-        return node
+    def piece(rule: Row, j: int) -> tuple[Node, tuple[Node, Node] | None]:
+        names = [hf_prefix + n.format(j=j) for n in rule.sources]
+        (node,) = apply_row(rule, [src.get(n) for n in names], tpe, te)
+        factors = _factors(lora, rule, names, tpe, te)
+        return node, factors[0] if factors else None
 
     if o.moe_grouped_gemm:
-        items.append((prefix + "mlp.experts.weight1", grouped_weight1([piece(fc1, j) for j in experts])))
-        items.append((prefix + "mlp.experts.weight2", grouped_weight2([piece(fc2, j) for j in experts])))
+        for which, (rule, stack) in enumerate(((fc1, grouped_weight1), (fc2, grouped_weight2)), 1):
+            got = [piece(rule, j) for j in experts]
+            factors = [f for _, f in got]
+            if any(factors) and not all(factors):
+                raise ValidationError(f"{hf_prefix}mlp.experts: LoRA factors on some routed experts' "
+                                      f"{rule.targets[0]} only; a grouped-GEMM stack wraps all its experts at once.")
+            items += _entries(f"{prefix}mlp.experts.weight{which}", stack([n for n, _ in got]),
+                              grouped_factors(factors, which) if all(factors) else None)
     else:
         for q, j in enumerate(experts):
             base = f"{prefix}mlp.experts.local_experts.{q}."
-            items.append((base + fc1.targets[0], piece(fc1, j)))
-            items.append((base + fc2.targets[0], piece(fc2, j)))
+            items += _entries(base + fc1.targets[0], *piece(fc1, j))
+            items += _entries(base + fc2.targets[0], *piece(fc2, j))
     return items
 
 
-def _mtp(spec: ModelSpec, cfg, sizes, o, src, r: RankFile, m: int) -> list[tuple[str, Node]]:
+def _mtp(spec: ModelSpec, cfg, sizes, o, src, r: RankFile, m: int,
+         lora: LoraFactors | None = None) -> list[tuple[str, Node]]:
     """MTP module m (HF layer num_hidden_layers + m), on the chunk of the final norm (spec §3.7)."""
     t = r.tp_rank
     hf_prefix = f"{spec.layer_prefix}{cfg.num_hidden_layers + m}."
     items = []
     if sizes.pp > 1:  # the MTP stage needs its own copy of the embedding
         items.append((EMBEDDING, apply_split(Split.COLUMN, [src.get(hf_prefix + spec.mtp_embedding)], sizes.tp, t)))
-    items += _table(spec.mtp_rows(cfg), src, sizes.tp, t, f"mtp.layers.{m}.", hf_prefix)
+    items += _table(spec.mtp_rows(cfg), src, sizes.tp, t, f"mtp.layers.{m}.", hf_prefix, lora)
     items.append((f"mtp.final_layernorms.{m}.weight", src.get(hf_prefix + spec.mtp_final_norm)))
-    items += _layer(spec, cfg, sizes, o, src, r, f"mtp.layers.{m}.transformer_layer.", hf_prefix, dense=False)
+    items += _layer(spec, cfg, sizes, o, src, r, f"mtp.layers.{m}.transformer_layer.", hf_prefix, dense=False,
+                    lora=lora)
     return items
 
 

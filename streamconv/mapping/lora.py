@@ -17,18 +17,26 @@ split rule of :mod:`streamconv.mapping.rules` fixes the factors' layout:
 
 :func:`gather_factors` is the inverse: the HF factors of every source of a row from each rank's pieces.  An HF
 weight fused from several sources (gate and up; q_a and kv_a) gets the one A for each source and its own rows
-of B, which is exactly the fused module's delta split by rows.
+of B, which is exactly the fused module's delta split by rows.  :func:`split_factors` goes forward again (for
+resharding a LoRA checkpoint): every rule that places W's rows places B's rows the same way, ROW splits A's
+columns, and HEAD_PARTS, which cannot be gathered, can be split: each part's module gets the one A and its
+part of B's rows.
 
 Grouped-GEMM experts (``weight1/2``, [in, out] per expert) carry ``weight1_lora_a`` [H, r*n] (memory [n, H, r]),
 ``weight1_lora_b`` [r, n*C] ([n, r, C]), ``weight2_lora_a`` [n*F, r] and ``weight2_lora_b`` [r*n, H]
 ([n, r, H]); expert q's delta is ``a_q @ b_q``.  :func:`gemm_expert_factors` turns them into each expert's
-HF-orientation factors (``A = a_q^T``, ``B = b_q^T``), so experts gather like local experts.
+HF-orientation factors (``A = a_q^T``, ``B = b_q^T``), so experts gather like local experts;
+:func:`grouped_factors` stacks them back.
+
+A checkpoint holding base and LoRA together (PEFT's names, spec §5.1) stores a wrapped linear's base as
+``X.base_layer.weight`` with ``X.lora_A.default.weight`` and ``X.lora_B.default.weight`` after it; a GEMM stack
+keeps its name, with ``weightN_lora_a``/``_b`` after it (:func:`wrapped`).
 """
 
 from __future__ import annotations
 
 from ..graph.node import Node, cat, slice_, transpose, view
-from .rules import Row, Split, merge_split, unfuse_qkv_groups
+from .rules import Row, Split, apply_row, merge_split, unfuse_qkv_groups
 
 # Factor of a row's rule that every TP rank holds whole (the replicas to compare), by split.
 REPLICATED_FACTORS = {
@@ -87,3 +95,40 @@ def gemm_expert_factors(lora_a: Node, lora_b: Node, n: int, which: int) -> list[
     h = lora_b.shape[1]
     return [(transpose(slice_(lora_a, (q * f, 0), (f, r))), transpose(slice_(lora_b, (q * r, 0), (r, h))))
             for q in range(n)]
+
+
+def split_factors(r: Row, pairs: list[tuple[Node, Node]], tp: int, t: int) -> list[tuple[Node, Node]]:
+    """Inverse of :func:`gather_factors`: TP rank ``t``'s ``(A, B)`` of each target of row ``r`` from the HF
+    ``(A, B)`` of each of its sources (``pairs``, in ``r.sources`` order).  The sources of a fused row share one
+    A (one PEFT module), as gathered factors do."""
+    if r.split is Split.REPLICATED:
+        return [pairs[0]]
+    if r.split is Split.ROW:
+        (a,) = apply_row(r, [pairs[0][0]], tp, t)
+        return [(a, pairs[0][1])]
+    a = pairs[0][0]
+    if any(other != a for other, _ in pairs[1:]):
+        raise ValueError(f"{r.targets}: the fused sources {r.sources} have different LoRA A factors")
+    return [(a, b) for b in apply_row(r, [b for _, b in pairs], tp, t)]
+
+
+def grouped_factors(pairs: list[tuple[Node, Node]], which: int) -> tuple[Node, Node]:
+    """Inverse of :func:`gemm_expert_factors`: ``(weightN_lora_a, weightN_lora_b)`` of a grouped-GEMM stack from
+    each local expert's HF-orientation ``(A, B)`` (expert q's ``a_q = A^T``, ``b_q = B^T``)."""
+    n = len(pairs)
+    a_q = [transpose(a) for a, _ in pairs]      # [in, r]
+    b_q = [transpose(b) for _, b in pairs]      # [r, out]
+    if which == 1:   # weight1_lora_a [H, r*n] (memory [n, H, r]); weight1_lora_b [r, n*C] (memory [n, r, C])
+        h, r = a_q[0].shape
+        c = b_q[0].shape[1]
+        return view(cat(a_q, 0), (h, r * n)), view(cat(b_q, 0), (r, n * c))
+    return cat(a_q, 0), cat(b_q, 0)             # weight2_lora_a [n*F, r]; weight2_lora_b [r*n, H]
+
+
+def wrapped(name: str, base: Node, a: Node, b: Node) -> list[tuple[str, Node]]:
+    """A LoRA-wrapped weight's entries in a checkpoint holding base and factors (spec §5.1), in PEFT's order."""
+    if name.endswith(("experts.weight1", "experts.weight2")):
+        return [(name, base), (name + "_lora_a", a), (name + "_lora_b", b)]
+    module = name.removesuffix(".weight")
+    return [(module + ".base_layer.weight", base), (module + ".lora_A.default.weight", a),
+            (module + ".lora_B.default.weight", b)]

@@ -8,7 +8,14 @@ mcore -> HF -> mcore by construction: the same nodes, the same model config (the
 config.json), the same file layouts, and the record mcore2hf reads back, so the output converts on without flags.
 
 What is checked before anything is written is what mcore2hf checks (record or flags, every rank file and key
-against the layout, replicas), plus: LoRA adapter weights in the source are refused by name, never dropped.
+against the layout, replicas).
+
+LoRA (a checkpoint holding base and adapter, as training saves it without ``--lora-ckpt-filter``): the factors
+are found and checked as mcore2hf finds them (:func:`~streamconv.plan.lora.build_inventory`, r read from the
+factors' shapes), gathered per HF module as the adapter export gathers them, and placed again with the target's
+weights (``build_rank_tensors(..., lora=)``): the output holds the same adapter, split as PEFT holds it in the
+target layout, never merged and never dropped.  Not carried, each refused by name: NF4 bases (QLoRA), and
+``--mla-mm-split`` source modules with LoRA (each part has its own A, which no HF module can hold).
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ from ..graph.node import Node
 from ..layout.options import McoreOptions
 from ..layout.parallel import ParallelSizes
 from ..mapping.assemble import build_hf_tensors, build_rank_tensors, output_config
+from ..mapping.rules import Split
 from ..models import model_for_config
-from .mcore2hf import _config_origin, _expected_layout, _hf_config, _output_config, replica_checks
+from .lora import Inventory, LoraOptions, build_inventory, is_lora_key, module_name, parse_factor
+from .lora_export import adapter_modules
+from .mcore2hf import _config_origin, _expected_layout, _factor_checks, _hf_config, _output_config, replica_checks
 from .mcore_source import McoreSource
-from .plan import Dropped, Plan
+from .plan import Dropped, Plan, ReplicaCheck
 from .planner import mcore_files
 from .trust import check_disjoint
 
@@ -55,10 +65,70 @@ class HFView:
         return sorted(n for n in self.tensors if n not in self.consumed and n not in self.dropped)
 
 
-def lora_keys(src: McoreSource) -> list[str]:
-    """``file: group.name`` of every LoRA adapter weight in the source rank files."""
-    return [f"{src.paths[r]}: {g}.{n}" for r, keys in src.tensors.items() for g, n in keys
-            if any(part.lower().startswith("lora") for part in n.split("."))]
+class _Stored:
+    """Rank-file tensors by their names in the layout (a wrapped base read from its ``base_layer`` name)."""
+
+    def __init__(self, get):
+        self.get = get
+
+
+class CarriedLora:
+    """The source's adapter per HF weight (``model.layers.3.self_attn.q_a_proj.weight`` -> (A, B)), served to the
+    forward assembly, with the accounting of what it placed."""
+
+    def __init__(self, inv: Inventory, pairs: dict[str, tuple[Node, Node]], checks: list[ReplicaCheck]):
+        self.inv, self.pairs, self.checks = inv, pairs, checks
+        self.used: set[str] = set()
+
+    def factors(self, hf_name: str) -> tuple[Node, Node] | None:
+        pair = self.pairs.get(hf_name)
+        if pair is not None:
+            self.used.add(hf_name)
+        return pair
+
+
+def _lora_rank(src: McoreSource) -> int | None:
+    """Training's r, read off the first LoRA factor of the source (the inventory then checks every other)."""
+    for keys in src.tensors.values():
+        for (_, name), t in keys.items():
+            parsed = parse_factor(name) if is_lora_key(name) else None
+            if parsed is None or len(t.shape) != 2:
+                continue
+            if name.endswith("_lora_a"):        # GEMM weight1_lora_a [H, r*n] / weight2_lora_a [n*F, r]
+                if name.endswith("weight2_lora_a"):
+                    return t.shape[1]
+                continue
+            if name.endswith("_lora_b"):        # weight1_lora_b [r, n*C]; weight2_lora_b [r*n, H]
+                if name.endswith("weight1_lora_b"):
+                    return t.shape[0]
+                continue
+            return t.shape[0] if parsed[1] == "A" else t.shape[1]   # linear A [r, in], B [out, r]
+    return None
+
+
+def _carried_lora(spec, cfg, sizes, options, expected, src: McoreSource) -> CarriedLora | None:
+    """The source's LoRA, found, checked and gathered per HF weight; None when the source holds none."""
+    if not any(is_lora_key(n) for keys in src.tensors.values() for _, n in keys):
+        return None
+    r = _lora_rank(src)
+    # alpha only scales a merge; carrying never merges
+    inv = build_inventory(spec, cfg, sizes, options, expected, src, None, LoraOptions(r=r, alpha="1"))
+    nf4 = [(rank, g, w.stored) for rank, ws in inv.nf4.items() for (g, _), w in ws.items()]
+    if nf4:
+        rank, g, name = nf4[0]
+        raise ValidationError(f"{src.path(rank)}: {g}.{name}: an NF4 base (QLoRA; {len(nf4)} in the source). "
+                              f"mcore2mcore carries LoRA over bf16/fp32 bases only; convert the base again in the "
+                              f"target layout (hf2mcore --qlora-nf4) and merge or export the adapter with mcore2hf.")
+    if options.mla_mm_split:
+        parts = {module_name(t) for row in spec.layer_rows(cfg, False, options) if row.split is Split.HEAD_PARTS
+                 for t in row.targets}
+        wrapped = sorted(parts & set(inv.targets))
+        if wrapped:
+            raise ValidationError(f"{src.root}: LoRA on --mla-mm-split's {', '.join(wrapped)}: each part has its own "
+                                  f"A, which no other layout holds, so it cannot be resharded. Merge it with "
+                                  f"mcore2hf, or train without LoRA on those modules.")
+    modules, checks = adapter_modules(spec, cfg, sizes, options, inv)
+    return CarriedLora(inv, {m.module + ".weight": (m.a, m.b) for m in modules}, checks)
 
 
 def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, options: McoreOptions,
@@ -76,24 +146,37 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
     cfg = spec.parse_config(cfg_json, origin)
     expected, replicas = _expected_layout(spec, cfg, sizes, options)
     src = McoreSource(load_dir, sizes, list(expected), iteration)
-    lora = lora_keys(src)
-    if lora:
-        raise ValidationError(f"{lora[0]}: a LoRA adapter weight ({len(lora)} in the source). mcore2mcore does not "
-                              f"carry LoRA weights yet; merge the adapters into the base weights first, or reshard "
-                              f"the base checkpoint without them.")
-    src.check(expected)
-    hf = HFView(build_hf_tensors(spec, cfg, sizes, options, src))
+    lora = _carried_lora(spec, cfg, sizes, options, expected, src)
+    if lora is None:
+        src.check(expected)
+        stored = src.get
+    else:
+        src.check(lora.inv.main_expect(expected))
+
+        def stored(rank, group, name):   # a wrapped base is X.base_layer.weight
+            return src.get(rank, group, lora.inv.stored_name(rank, group, name))
+    hf = HFView(build_hf_tensors(spec, cfg, sizes, options, _Stored(stored)))
 
     # The model as the intermediate HF checkpoint would describe it (its config.json, as mcore2hf writes it:
     # layers renumbered to those the source holds, weights bf16), so the output equals mcore -> HF -> mcore.
     _, fields = output_config(spec, cfg, sizes, options)
     out_json = json.loads(_output_config(spec, cfg_json, fields, False))
     out_cfg = spec.parse_config(out_json, origin)
-    per_rank = build_rank_tensors(spec, out_cfg, target_sizes, target_options, hf)
+    per_rank = build_rank_tensors(spec, out_cfg, target_sizes, target_options, hf, lora=lora)
     leftover = hf.unaccounted()
     if leftover:
         raise ValidationError([f"{n}: held by the source but consumed by no target file and not declared dropped. "
                                f"This is a bug in the model table; please report it." for n in leftover])
+    if lora is not None:   # an adapter goes where its weight goes: placed, or dropped with it
+        for name in sorted(set(lora.pairs) - lora.used):
+            if name not in hf.dropped:
+                raise ValidationError(f"{name}: its LoRA factors were placed nowhere though the weight was. This "
+                                      f"is a bug; please report it.")
+            why = "LoRA of a dropped weight: " + hf.dropped[name]
+            hf.dropped[name.removesuffix(".weight") + ".lora_A/lora_B"] = why
+    checks = replica_checks(replicas, stored, src.rel, verify_replicas)
+    if checks is not None and lora is not None:
+        checks += _factor_checks(lora.inv, replicas) + lora.checks
     files = mcore_files(spec, out_cfg, out_json, target_sizes, target_options, per_rank, save_args=save_args)
     return Plan(
         kind="mcore2mcore",
@@ -105,5 +188,5 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
         options=json.loads(json.dumps({"source": asdict(sizes), "source_model": asdict(options),
                                        "target": asdict(target_sizes), "model": asdict(target_options),
                                        "iteration": src.iteration, "model_type": spec.name})),
-        checks=tuple(replica_checks(replicas, src.get, src.rel, verify_replicas) or ()),
+        checks=tuple(checks or ()),
     )

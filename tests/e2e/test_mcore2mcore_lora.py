@@ -1,0 +1,167 @@
+"""mcore2mcore carries a LoRA adapter: a checkpoint holding base and factors (what training saves without
+``--lora-ckpt-filter``) resharded into another layout holds, in every rank file, key for key and byte for byte,
+what the tests' eager LoRA reference writes for the target layout from the same HF-level factors
+(``tests/lora_reference.py``: factors split per rank by the eager base reference, no streamconv code).  The
+bases are never merged, the factors never dropped unless their weight is."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+from streamconv.cli.main import main
+from streamconv.errors import ValidationError
+from streamconv.execute.executor import run_plan
+from streamconv.plan.lora import LoraOptions
+from streamconv.plan.mcore2hf import plan_mcore_to_hf
+from streamconv.plan.mcore2mcore import plan_mcore_to_mcore
+from streamconv.plan.planner import plan_hf_to_mcore
+from tests import lora_reference as L
+from tests.e2e.test_lora import ALL, MM_SPLIT, RUN, assert_same, expected_merged, load_dir, split_layout
+from tests.reference import load_hf
+
+FFN = ("linear_fc1", "linear_fc2", "eh_proj")
+MM_SPLIT_ALL = MM_SPLIT + FFN
+
+
+def type1(hf_dir: str, work, case: dict, factors: dict, targets, qlora_nf4=None) -> str:
+    """The reference's LoRA checkpoint of ``case``: a base from hf2mcore, factors split by the eager reference."""
+    sizes, o = split_layout(case)
+    base = str(work / "base")
+    run_plan(plan_hf_to_mcore(hf_dir, base, sizes, o, qlora_nf4=qlora_nf4), RUN)
+    pieces = L.split_factors(hf_dir, factors, targets, str(work / "split"), **case)
+    return L.write_lora_checkpoint(base, str(work / "type1"), pieces, kind="type1")
+
+
+def rank_files(root: str) -> dict[str, dict]:
+    return {os.path.relpath(p, root): torch.load(p, weights_only=True)
+            for p in sorted(glob.glob(os.path.join(root, "iter_*", "*", "model_optim_rng.pt")))}
+
+
+def assert_same_ranks(got_root: str, want_root: str) -> None:
+    got, want = rank_files(got_root), rank_files(want_root)
+    assert sorted(got) == sorted(want)
+    for path, obj in want.items():
+        groups = [g for g in obj if g.startswith("model")]
+        assert [g for g in got[path] if g.startswith("model")] == groups, path
+        for g in groups:
+            assert list(got[path][g]) == list(obj[g]), (path, g)     # the same keys in the same order
+            for key, t in obj[g].items():
+                mine = got[path][g][key]
+                assert mine.dtype == t.dtype and mine.shape == t.shape, (path, key)
+                assert torch.equal(mine.contiguous().view(-1).view(torch.uint8),
+                                   t.contiguous().view(-1).view(torch.uint8)), (path, key)
+
+
+def reshard(src: str, out: str, source: dict, target: dict, hf_dir: str):
+    plan = plan_mcore_to_mcore(src, out, *split_layout(source), *split_layout(target), hf_config_dir=hf_dir)
+    run_plan(plan, RUN)
+    return plan
+
+
+CASES = [
+    # grouped GEMM -> local experts, TP 2 -> 1, PP 2 -> 1, MTP carried
+    (dict(tp=2, pp=2, ep=2, moe_grouped_gemm=True, mtp_num_layers=1), ALL,
+     dict(tp=1, ep=1, mtp_num_layers=1), ALL),
+    # local -> grouped GEMM at TP 4 PP 2, with --mla-mm-split and the legacy names on the target: each part's
+    # module gets the one A and its rows of B
+    (dict(tp=2, ep=2, mtp_num_layers=1), ALL,
+     dict(tp=4, pp=2, ep=2, moe_grouped_gemm=True, mla_mm_split=True, mla_key_names="legacy", mtp_num_layers=1),
+     MM_SPLIT_ALL),
+    # VPP chunks (model0/model1) -> tp-extend-ep (whole experts in EP x TP buckets)
+    (dict(pp=2, vpp_layers=1, moe_grouped_gemm=True), ALL,
+     dict(tp=2, ep=2, moe_tp_extend_ep=True, moe_grouped_gemm=True), ALL),
+    # expert-TP 1 -> dualpipev
+    (dict(tp=2, ep=2, expert_tensor_parallel_size=1, moe_grouped_gemm=True, mtp_num_layers=1), ALL,
+     dict(pp=2, dualpipev=True, num_layers=4, mtp_num_layers=1), ALL),
+]
+
+
+def _id(case) -> str:
+    return ",".join(f"{k}={v}" for k, v in case.items())
+
+
+@pytest.mark.parametrize("source,source_targets,target,target_targets", CASES,
+                         ids=[_id(c[0]) + "->" + _id(c[2]) for c in CASES])
+def test_reshard_carries_the_adapter(tiny_hf, tmp_path, source, source_targets, target, target_targets):
+    hf_dir = tiny_hf["bf16"]
+    _, hf = load_hf(hf_dir)
+    factors = L.make_factors(hf, source_targets)
+    src = type1(hf_dir, tmp_path / "a", source, factors, source_targets)
+    want = type1(hf_dir, tmp_path / "b", target, factors, target_targets)
+    reshard(src, str(tmp_path / "out"), source, target, hf_dir)
+    assert_same_ranks(str(tmp_path / "out"), want)
+
+
+def test_qwen3_moe_groups_and_the_cli(tmp_path):
+    """Qwen3-MoE's linear_qkv (B's rows regrouped by whole query groups) through the CLI; the resharded adapter
+    merges (mcore2hf) into exactly the eager merge of the HF factors."""
+    from tests.hf_tiny_families import build_tiny_qwen3_moe
+
+    hf_dir = str(tmp_path / "qwen")
+    build_tiny_qwen3_moe(hf_dir)
+    targets = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    _, hf = load_hf(hf_dir)
+    factors = L.make_factors(hf, targets)
+    source, target = dict(tp=2, ep=2, moe_grouped_gemm=True), dict(ep=4)
+    src = type1(hf_dir, tmp_path / "a", source, factors, targets)
+    want = type1(hf_dir, tmp_path / "b", target, factors, targets)
+    out = str(tmp_path / "out")
+    assert main(["convert", "mcore2mcore", "--load-dir", src, "--save-dir", out, "--hf-config", hf_dir,
+                 "--source-tensor-parallel-size", "2", "--source-expert-parallel-size", "2",
+                 "--source-moe-grouped-gemm", "--target-expert-parallel-size", "4", "--no-progress"]) == 0
+    assert_same_ranks(out, want)
+    merged = str(tmp_path / "merged")
+    sizes, o = split_layout(target)
+    lora = LoraOptions(r=L.R, alpha="16")
+    run_plan(plan_mcore_to_hf(out, merged, sizes, o, hf_config_dir=hf_dir, lora=lora), RUN)
+    assert_same(load_dir(merged), L.merged_hf(hf, factors, 16))
+
+
+def test_a_dropped_weight_drops_its_adapter_with_the_reason(tiny_hf, tmp_path):
+    """Target without MTP: the MTP layer's weights and their LoRA are dropped together, and the plan says so."""
+    hf_dir = tiny_hf["bf16"]
+    _, hf = load_hf(hf_dir)
+    factors = L.make_factors(hf, ALL)
+    source, target = dict(tp=2, ep=2, mtp_num_layers=1), dict(ep=2, moe_grouped_gemm=True)
+    src = type1(hf_dir, tmp_path / "a", source, factors, ALL)
+    want = type1(hf_dir, tmp_path / "b", target, factors, ALL)
+    plan = reshard(src, str(tmp_path / "out"), source, target, hf_dir)
+    assert_same_ranks(str(tmp_path / "out"), want)
+    dropped = {d.name: d.reason for d in plan.dropped}
+    assert dropped["model.layers.4.eh_proj.lora_A/lora_B"].startswith("LoRA of a dropped weight: MTP layer 0")
+    # and the merge of what was carried is the eager merge of the layers kept
+    merged = str(tmp_path / "merged")
+    run_plan(plan_mcore_to_hf(str(tmp_path / "out"), merged, *split_layout(target), hf_config_dir=hf_dir,
+                              lora=LoraOptions(r=L.R, alpha="16")), RUN)
+    assert_same(load_dir(merged), expected_merged(hf_dir, factors, target))
+
+
+def refused(tmp_path, match: str, src: str, source: dict, target: dict, hf_dir: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValidationError, match=match) as info:
+        plan_mcore_to_mcore(src, str(out), *split_layout(source), *split_layout(target), hf_config_dir=hf_dir)
+    assert "\n" not in str(info.value) and not out.exists()
+
+
+def test_mla_mm_split_parts_with_lora_are_refused(tiny_hf, tmp_path):
+    hf_dir = tiny_hf["bf16"]
+    _, hf = load_hf(hf_dir)
+    source = dict(tp=2, mla_mm_split=True, mtp_num_layers=1)
+    src = type1(hf_dir, tmp_path / "a", source, L.make_factors(hf, MM_SPLIT), MM_SPLIT)
+    refused(tmp_path, r"LoRA on --mla-mm-split's linear_kv_nope, linear_qk_nope, linear_qk_rope, linear_v: each "
+                      r"part has its own A", src, source, dict(tp=1, mtp_num_layers=1), hf_dir)
+
+
+def test_an_nf4_base_is_refused(tiny_hf, tmp_path):
+    """A QLoRA training checkpoint (NF4 base under base_layer): refused naming the weight, nothing written."""
+    hf_dir = tiny_hf["bf16"]
+    _, hf = load_hf(hf_dir)
+    source = dict(tp=2, ep=2, moe_grouped_gemm=True)
+    targets = ("linear_qkv", "linear_proj")
+    src = type1(hf_dir, tmp_path / "a", source, L.make_factors(hf, targets), targets, qlora_nf4="npu")
+    refused(tmp_path, r"base_layer.weight: an NF4 base \(QLoRA; \d+ in the source\)", src, source, dict(tp=1),
+            hf_dir)
