@@ -14,8 +14,9 @@ LoRA (a checkpoint holding base and adapter, as training saves it without ``--lo
 are found and checked as mcore2hf finds them (:func:`~streamconv.plan.lora.build_inventory`, r read from the
 factors' shapes), gathered per HF module as the adapter export gathers them, and placed again with the target's
 weights (``build_rank_tensors(..., lora=)``): the output holds the same adapter, split as PEFT holds it in the
-target layout, never merged and never dropped.  Not carried, each refused by name: NF4 bases (QLoRA), and
-``--mla-mm-split`` source modules with LoRA (each part has its own A, which no HF module can hold).
+target layout, never merged and never dropped.  Refused by name: ``--mla-mm-split`` source modules with LoRA
+(each part has its own A, which no HF module can hold), and NF4 (QLoRA) bases, with or without LoRA (NF4 blocks
+follow each rank's piece: resharding would re-quantize rounded values).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..layout.parallel import ParallelSizes
 from ..mapping.assemble import build_hf_tensors, build_rank_tensors, output_config
 from ..mapping.rules import Split
 from ..models import model_for_config
-from .lora import Inventory, LoraOptions, build_inventory, is_lora_key, module_name, parse_factor
+from .lora import NF4_JSON, Inventory, LoraOptions, build_inventory, is_lora_key, module_name, parse_factor
 from .lora_export import adapter_modules
 from .mcore2hf import _config_origin, _expected_layout, _factor_checks, _hf_config, _output_config, replica_checks
 from .mcore_source import McoreSource
@@ -106,6 +107,18 @@ def _lora_rank(src: McoreSource) -> int | None:
     return None
 
 
+def _refuse_nf4(src: McoreSource) -> None:
+    """NF4 (QLoRA) bases: their blocks of 64 follow each rank's piece, so a resharded base would be quantized
+    again from rounded values: not the same weights.  Refused rather than changed."""
+    nf4 = [f"{src.path(r)}: {g}.{n.removesuffix(NF4_JSON)}" for r, keys in src.tensors.items() for g, n in keys
+           if n.endswith(NF4_JSON)]
+    if nf4:
+        raise ValidationError(f"{nf4[0]}: an NF4 (QLoRA) base weight ({len(nf4)} in the source). NF4 blocks follow "
+                              f"each rank's piece, so it cannot be resharded exactly: convert the HF checkpoint "
+                              f"again with hf2mcore --qlora-nf4 in the target layout (and merge or export a QLoRA "
+                              f"adapter with mcore2hf).")
+
+
 def _carried_lora(spec, cfg, sizes, options, expected, src: McoreSource) -> CarriedLora | None:
     """The source's LoRA, found, checked and gathered per HF weight; None when the source holds none."""
     if not any(is_lora_key(n) for keys in src.tensors.values() for _, n in keys):
@@ -113,12 +126,6 @@ def _carried_lora(spec, cfg, sizes, options, expected, src: McoreSource) -> Carr
     r = _lora_rank(src)
     # alpha only scales a merge; carrying never merges
     inv = build_inventory(spec, cfg, sizes, options, expected, src, None, LoraOptions(r=r, alpha="1"))
-    nf4 = [(rank, g, w.stored) for rank, ws in inv.nf4.items() for (g, _), w in ws.items()]
-    if nf4:
-        rank, g, name = nf4[0]
-        raise ValidationError(f"{src.path(rank)}: {g}.{name}: an NF4 base (QLoRA; {len(nf4)} in the source). "
-                              f"mcore2mcore carries LoRA over bf16/fp32 bases only; convert the base again in the "
-                              f"target layout (hf2mcore --qlora-nf4) and merge or export the adapter with mcore2hf.")
     if options.mla_mm_split:
         parts = {module_name(t) for row in spec.layer_rows(cfg, False, options) if row.split is Split.HEAD_PARTS
                  for t in row.targets}
@@ -146,6 +153,7 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
     cfg = spec.parse_config(cfg_json, origin)
     expected, replicas = _expected_layout(spec, cfg, sizes, options)
     src = McoreSource(load_dir, sizes, list(expected), iteration)
+    _refuse_nf4(src)
     lora = _carried_lora(spec, cfg, sizes, options, expected, src)
     if lora is None:
         src.check(expected)

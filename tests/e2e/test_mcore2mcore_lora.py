@@ -157,11 +157,13 @@ def test_mla_mm_split_parts_with_lora_are_refused(tiny_hf, tmp_path):
 
 
 def test_an_nf4_base_is_refused(tiny_hf, tmp_path):
-    """A QLoRA training checkpoint (NF4 base under base_layer): refused naming the weight, nothing written."""
+    """An NF4 base, alone (hf2mcore --qlora-nf4) or in a QLoRA training checkpoint (under base_layer): refused
+    naming the weight, nothing written (its blocks follow the rank pieces: resharding would change it)."""
     hf_dir = tiny_hf["bf16"]
     _, hf = load_hf(hf_dir)
     source = dict(tp=2, ep=2, moe_grouped_gemm=True)
     targets = ("linear_qkv", "linear_proj")
     src = type1(hf_dir, tmp_path / "a", source, L.make_factors(hf, targets), targets, qlora_nf4="npu")
-    refused(tmp_path, r"base_layer.weight: an NF4 base \(QLoRA; \d+ in the source\)", src, source, dict(tp=1),
-            hf_dir)
+    nf4 = r": an NF4 \(QLoRA\) base weight \(\d+ in the source\)\. NF4 blocks follow each rank's piece"
+    refused(tmp_path, r"linear_qkv.base_layer.weight" + nf4, src, source, dict(tp=1), hf_dir)
+    refused(tmp_path, r"linear_qkv.weight" + nf4, str(tmp_path / "a" / "base"), source, dict(tp=1), hf_dir)
