@@ -117,6 +117,10 @@ def add_mcore2mcore_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-dir", required=True, help="mcore checkpoint directory (latest_checkpointed_iteration.txt)")
     p.add_argument("--save-dir", required=True, help="directory the resharded mcore checkpoint is written to")
     add_mcore_source_flags(p, layout_prefix="source-")
+    p.add_argument("--lora-load", metavar="DIR", default=None,
+                   help="a LoRA-only checkpoint (--lora-ckpt-filter) of --load-dir: reshard that adapter alone (the "
+                        "output is LoRA-only too; the base's weights are not read). A checkpoint holding base and "
+                        "LoRA together is resharded with its adapter without this flag")
     add_target_flags(p)
 
 
@@ -331,7 +335,7 @@ def plan_mcore2mcore_from_args(args):
     return plan_mcore_to_mcore(args.load_dir, args.save_dir, sizes, options, target_sizes, target_options,
                                hf_config_dir=args.hf_config, iteration=args.iteration,
                                model_type_hf=args.model_type_hf, save_args=args.save_args,
-                               verify_replicas=args.verify_replicas)
+                               verify_replicas=args.verify_replicas, lora_load=args.lora_load)
 
 
 def args_layout(load_dir: str, iteration: str | None) -> dict:

@@ -31,7 +31,8 @@ from ..layout.parallel import ParallelSizes
 from ..mapping.assemble import build_hf_tensors, build_rank_tensors, output_config
 from ..mapping.rules import Split
 from ..models import model_for_config
-from .lora import NF4_JSON, Inventory, LoraOptions, build_inventory, is_lora_key, module_name, parse_factor
+from .lora import NF4_JSON, Inventory, LoraOptions, MergedRanks, build_inventory, is_lora_key, module_name
+from .lora import parse_factor
 from .lora_export import adapter_modules
 from .mcore2hf import _config_origin, _expected_layout, _factor_checks, _hf_config, _output_config, replica_checks
 from .mcore_source import McoreSource
@@ -119,13 +120,17 @@ def _refuse_nf4(src: McoreSource) -> None:
                               f"adapter with mcore2hf).")
 
 
-def _carried_lora(spec, cfg, sizes, options, expected, src: McoreSource) -> CarriedLora | None:
-    """The source's LoRA, found, checked and gathered per HF weight; None when the source holds none."""
-    if not any(is_lora_key(n) for keys in src.tensors.values() for _, n in keys):
+def _carried_lora(spec, cfg, sizes, options, expected, src: McoreSource,
+                  lora_src: McoreSource | None) -> CarriedLora | None:
+    """The source's LoRA (in ``src`` itself, or the LoRA-only checkpoint ``lora_src``), found, checked and
+    gathered per HF weight; None when the source holds none."""
+    holder = lora_src or src
+    if lora_src is None and not any(is_lora_key(n) for keys in src.tensors.values() for _, n in keys):
         return None
-    r = _lora_rank(src)
+    r = _lora_rank(holder)
     # alpha only scales a merge; carrying never merges
-    inv = build_inventory(spec, cfg, sizes, options, expected, src, None, LoraOptions(r=r, alpha="1"))
+    inv = build_inventory(spec, cfg, sizes, options, expected, src, lora_src,
+                          LoraOptions(r=r, alpha="1", load=lora_src and lora_src.root))
     if options.mla_mm_split:
         parts = {module_name(t) for row in spec.layer_rows(cfg, False, options) if row.split is Split.HEAD_PARTS
                  for t in row.targets}
@@ -142,28 +147,38 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
                         target_sizes: ParallelSizes, target_options: McoreOptions, *,
                         hf_config_dir: str | None = None, iteration: str | None = None,
                         model_type_hf: str | None = None, save_args: bool = False,
-                        verify_replicas: bool | None = None) -> Plan:
+                        verify_replicas: bool | None = None, lora_load: str | None = None) -> Plan:
     """Compile an mcore -> mcore resharding plan: ``sizes``/``options`` describe the source checkpoint at
     ``load_dir`` (as mcore2hf takes them), ``target_sizes``/``target_options`` the output (as hf2mcore takes
-    them).  The model comes from the record streamconv left next to the tracker, or from ``hf_config_dir``."""
-    check_disjoint(save_dir, [("--load-dir", load_dir), ("--hf-config", hf_config_dir)])
+    them).  The model comes from the record streamconv left next to the tracker, or from ``hf_config_dir``.
+
+    ``lora_load``: a LoRA-only checkpoint (``--lora-ckpt-filter``) of the base at ``load_dir``: the output is that
+    adapter resharded, LoRA-only as well (what training would have saved in the target layout); the base's
+    headers give the layout, its weights are not read."""
+    check_disjoint(save_dir, [("--load-dir", load_dir), ("--hf-config", hf_config_dir), ("--lora-load", lora_load)])
     origin = _config_origin(load_dir, hf_config_dir)
     cfg_json = _hf_config(load_dir, hf_config_dir)
     spec = model_for_config(cfg_json, origin, model_type_hf=model_type_hf)
     cfg = spec.parse_config(cfg_json, origin)
     expected, replicas = _expected_layout(spec, cfg, sizes, options)
     src = McoreSource(load_dir, sizes, list(expected), iteration)
-    _refuse_nf4(src)
-    lora = _carried_lora(spec, cfg, sizes, options, expected, src)
+    lora_src = McoreSource(lora_load, sizes, list(expected)) if lora_load else None
+    if lora_src is None:   # with --lora-load only the adapter is resharded: the base may be NF4
+        _refuse_nf4(src)
+    lora = _carried_lora(spec, cfg, sizes, options, expected, src, lora_src)
     if lora is None:
         src.check(expected)
-        stored = src.get
+        base, stored = src.get, src.get
     else:
         src.check(lora.inv.main_expect(expected))
-
-        def stored(rank, group, name):   # a wrapped base is X.base_layer.weight
-            return src.get(rank, group, lora.inv.stored_name(rank, group, name))
-    hf = HFView(build_hf_tensors(spec, cfg, sizes, options, _Stored(stored)))
+        if lora_src is not None:
+            lora_src.check(lora.inv.factor_expect(expected), others="--lora-load must be a LoRA-only checkpoint "
+                                                                    "(saved with --lora-ckpt-filter) of this base.")
+        # bases by their layout names (a wrapped one is X.base_layer.weight; NF4 decoded, though never run
+        # when only the adapter is written)
+        ranks = MergedRanks(lora.inv, None, None, expected, "npu")
+        base, stored = ranks.base, ranks.stored
+    hf = HFView(build_hf_tensors(spec, cfg, sizes, options, _Stored(base)))
 
     # The model as the intermediate HF checkpoint would describe it (its config.json, as mcore2hf writes it:
     # layers renumbered to those the source holds, weights bf16), so the output equals mcore -> HF -> mcore.
@@ -182,14 +197,18 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
                                       f"is a bug; please report it.")
             why = "LoRA of a dropped weight: " + hf.dropped[name]
             hf.dropped[name.removesuffix(".weight") + ".lora_A/lora_B"] = why
-    checks = replica_checks(replicas, stored, src.rel, verify_replicas)
-    if checks is not None and lora is not None:
-        checks += _factor_checks(lora.inv, replicas) + lora.checks
+    if lora_src is None:
+        checks = replica_checks(replicas, stored, src.rel, verify_replicas)
+        if checks is not None and lora is not None:
+            checks += _factor_checks(lora.inv, replicas) + lora.checks
+    else:   # the adapter alone: no base weight is written, or read; its copies are small, so checked by default
+        per_rank = {r: [t for t in tensors if is_lora_key(t.name)] for r, tensors in per_rank.items()}
+        checks = None if verify_replicas is False else _factor_checks(lora.inv, replicas) + lora.checks
     files = mcore_files(spec, out_cfg, out_json, target_sizes, target_options, per_rank, save_args=save_args)
     return Plan(
         kind="mcore2mcore",
-        source_root=load_dir,
-        source_files=tuple(src.files),
+        source_root=lora_load or load_dir,
+        source_files=tuple((lora_src or src).files),
         target_root=save_dir,
         files=tuple(files),
         dropped=tuple(Dropped(n, r) for n, r in sorted(hf.dropped.items())),

@@ -167,3 +167,57 @@ def test_an_nf4_base_is_refused(tiny_hf, tmp_path):
     nf4 = r": an NF4 \(QLoRA\) base weight \(\d+ in the source\)\. NF4 blocks follow each rank's piece"
     refused(tmp_path, r"linear_qkv.base_layer.weight" + nf4, src, source, dict(tp=1), hf_dir)
     refused(tmp_path, r"linear_qkv.weight" + nf4, str(tmp_path / "a" / "base"), source, dict(tp=1), hf_dir)
+
+
+def type2(hf_dir: str, work, case: dict, factors: dict, targets) -> tuple[str, str]:
+    """(base, LoRA-only checkpoint) of ``case``, as training with --lora-ckpt-filter leaves them."""
+    sizes, o = split_layout(case)
+    base = str(work / "base")
+    run_plan(plan_hf_to_mcore(hf_dir, base, sizes, o), RUN)
+    pieces = L.split_factors(hf_dir, factors, targets, str(work / "split"), **case)
+    return base, L.write_lora_checkpoint(base, str(work / "type2"), pieces, kind="type2")
+
+
+@pytest.mark.parametrize("source,target", [
+    (dict(tp=2, ep=2, moe_grouped_gemm=True, mtp_num_layers=1), dict(tp=4, pp=2, ep=1, mtp_num_layers=1)),
+    (dict(pp=2, vpp_layers=1), dict(tp=2, ep=2, expert_tensor_parallel_size=1, moe_grouped_gemm=True)),
+], ids=["gemm-tp2ep2->tp4pp2", "vpp->etp1"])
+def test_a_lora_only_checkpoint_is_resharded_alone(tiny_hf, tmp_path, source, target):
+    """--lora-load: the LoRA-only checkpoint resharded LoRA-only, equal to the reference's at the target; only
+    the adapter's files are read; it merges (mcore2hf --lora-load) into a base converted in the target layout
+    exactly as the eager merge says."""
+    hf_dir = tiny_hf["bf16"]
+    _, hf = load_hf(hf_dir)
+    factors = L.make_factors(hf, ALL)
+    base, lora = type2(hf_dir, tmp_path / "a", source, factors, ALL)
+    target_base, want = type2(hf_dir, tmp_path / "b", target, factors, ALL)
+    out = str(tmp_path / "out")
+    plan = plan_mcore_to_mcore(base, out, *split_layout(source), *split_layout(target), hf_config_dir=hf_dir,
+                               lora_load=lora)
+    assert plan.source_root == lora and all(not f.name.startswith("..") for f in plan.source_files)
+    run_plan(plan, RUN)
+    assert_same_ranks(out, want)
+    merged = str(tmp_path / "merged")
+    run_plan(plan_mcore_to_hf(target_base, merged, *split_layout(target), hf_config_dir=hf_dir,
+                              lora=LoraOptions(r=L.R, alpha="16", load=out)), RUN)
+    assert_same(load_dir(merged), expected_merged(hf_dir, factors, target))
+
+
+def test_lora_load_through_the_cli_and_its_refusals(tiny_hf, tmp_path, capsys):
+    hf_dir = tiny_hf["bf16"]
+    _, hf = load_hf(hf_dir)
+    factors = L.make_factors(hf, ALL)
+    base, lora = type2(hf_dir, tmp_path / "a", dict(tp=2), factors, ALL)
+    args = ["convert", "mcore2mcore", "--load-dir", base, "--lora-load", lora, "--hf-config", hf_dir,
+            "--source-tensor-parallel-size", "2", "--no-progress"]
+    assert main(args + ["--save-dir", str(tmp_path / "out")]) == 0
+    assert_same_ranks(str(tmp_path / "out"), type2(hf_dir, tmp_path / "b", dict(), factors, ALL)[1])
+    # a LoRA-only checkpoint of another layout; the save dir inside an input
+    _, other = type2(hf_dir, tmp_path / "c", dict(), factors, ALL)
+    assert main(["convert", "mcore2mcore", "--load-dir", base, "--lora-load", other, "--hf-config", hf_dir,
+                 "--source-tensor-parallel-size", "2", "--no-progress", "--save-dir", str(tmp_path / "x")]) == 2
+    assert main(args + ["--save-dir", os.path.join(lora, "inside")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("streamconv: error:") for e in err)
+    assert "--lora-load" in err[1]
+    assert not (tmp_path / "x").exists() and not os.path.exists(os.path.join(lora, "inside"))
