@@ -27,13 +27,13 @@ FFN = ("linear_fc1", "linear_fc2", "eh_proj")
 MM_SPLIT_ALL = MM_SPLIT + FFN
 
 
-def type1(hf_dir: str, work, case: dict, factors: dict, targets, qlora_nf4=None) -> str:
+def type1(hf_dir: str, work, case: dict, factors: dict, targets, qlora_nf4=None, **spelling) -> str:
     """The reference's LoRA checkpoint of ``case``: a base from hf2mcore, factors split by the eager reference."""
     sizes, o = split_layout(case)
     base = str(work / "base")
     run_plan(plan_hf_to_mcore(hf_dir, base, sizes, o, qlora_nf4=qlora_nf4), RUN)
     pieces = L.split_factors(hf_dir, factors, targets, str(work / "split"), **case)
-    return L.write_lora_checkpoint(base, str(work / "type1"), pieces, kind="type1")
+    return L.write_lora_checkpoint(base, str(work / "type1"), pieces, kind="type1", **spelling)
 
 
 def rank_files(root: str) -> dict[str, dict]:
@@ -92,6 +92,19 @@ def test_reshard_carries_the_adapter(tiny_hf, tmp_path, source, source_targets, 
     factors = L.make_factors(hf, source_targets)
     src = type1(hf_dir, tmp_path / "a", source, factors, source_targets)
     want = type1(hf_dir, tmp_path / "b", target, factors, target_targets)
+    reshard(src, str(tmp_path / "out"), source, target, hf_dir)
+    assert_same_ranks(str(tmp_path / "out"), want)
+
+
+def test_other_spellings_come_out_in_pefts(tiny_hf, tmp_path):
+    """A source with the lower-case lora_a/lora_b spelling and Transformer Engine _extra_state entries: the
+    output holds PEFT's names (lora_A.default / lora_B.default) and no _extra_state, as hf2mcore writes none."""
+    hf_dir = tiny_hf["bf16"]
+    _, hf = load_hf(hf_dir)
+    factors = L.make_factors(hf, ALL)
+    source, target = dict(tp=2, ep=2, mtp_num_layers=1), dict(tp=1, ep=2, mtp_num_layers=1)
+    src = type1(hf_dir, tmp_path / "a", source, factors, ALL, lower=True, extra_state=True)
+    want = type1(hf_dir, tmp_path / "b", target, factors, ALL)
     reshard(src, str(tmp_path / "out"), source, target, hf_dir)
     assert_same_ranks(str(tmp_path / "out"), want)
 
