@@ -13,7 +13,7 @@ LAYOUT_DESTS = ("target_tensor_parallel_size", "target_pipeline_parallel_size", 
 def register(sub) -> None:
     p = sub.add_parser("prepare-load", help="write a load directory (tracker + description, no weights) from which "
                                             "every training rank materialises its own tensors")
-    p.add_argument("plan", nargs="?", help="an hf2mcore plan JSON (or give --load-dir and the layout flags)")
+    p.add_argument("plan", nargs="?", help="an hf2mcore or mcore2mcore plan JSON (or give --load-dir and the layout flags)")
     p.add_argument("--save-dir", required=True, help="the directory to pass to training as --load")
     p.add_argument("--load-dir", default=None, metavar="HF_DIR",
                    help="an HF checkpoint directory instead of a plan: each rank plans only itself at start-up")

@@ -22,7 +22,7 @@ from ..layout.parallel import ParallelSizes, RankFile, iter_dir, rank_dir
 from ..plan.plan import Plan
 from ..storage import fileio
 from .rank import LoadOptions, RankSource
-from .source import LAYOUT_KEYWORDS, check_sources, layout_from_keywords
+from .source import LAYOUT_KEYWORDS, RANK_PLAN_KINDS, check_sources, layout_from_keywords
 
 DESCRIPTION = "streamconv_load.json"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -66,7 +66,7 @@ def prepare_load(save_dir: str, *, plan: str | None = None, hf_dir: str | None =
                  options: LoadOptions = LoadOptions(), overwrite: bool = False) -> LoadDir:
     """Check the source (every rank's graphs are planned, the sources are unchanged) and write ``save_dir``.
 
-    Exactly one of ``plan`` (a saved hf2mcore plan) and ``hf_dir`` (with ``layout``: keywords named after the CLI
+    Exactly one of ``plan`` (a saved hf2mcore or mcore2mcore plan) and ``hf_dir`` (with ``layout``: keywords named after the CLI
     flags, see :data:`streamconv.loader.LAYOUT_KEYWORDS`)."""
     if (plan is None) == (hf_dir is None):
         raise ValidationError("prepare-load: give a plan, or --load-dir with the layout flags (not both).")
@@ -77,9 +77,9 @@ def prepare_load(save_dir: str, *, plan: str | None = None, hf_dir: str | None =
         if layout:
             raise ValidationError("prepare-load: layout flags come from the plan; give them only with --load-dir.")
         p = Plan.load(plan)
-        if p.kind != "hf2mcore" or "ranks" in p.options:
+        if p.kind not in RANK_PLAN_KINDS or "ranks" in p.options:
             raise PlanError(f"{plan}: a {p.kind!r}{' partial' if 'ranks' in p.options else ''} plan; prepare-load "
-                            f"takes a whole hf2mcore plan.")
+                            f"takes a whole hf2mcore or mcore2mcore plan.")
         root = os.path.abspath(p.source_root)
         check_sources(dataclasses.replace(p, source_root=root))
         first = next(f for f in p.files if f.tensors)

@@ -77,6 +77,12 @@ def check_rank_index(sizes: ParallelSizes, tp_rank: int, pp_rank: int, ep_rank: 
 
 # --- saved plans --------------------------------------------------------------------------------------------------
 
+# Plans whose outputs are rank files: from HF, or resharded from another mcore layout (a training job in a new
+# layout then loads its rank straight from the old checkpoint).
+RANK_PLAN_KINDS = ("hf2mcore", "mcore2mcore")
+LOADS_RANKS = "a training job loads ranks of an hf2mcore or mcore2mcore plan"
+
+
 def plan_sizes(plan_options: dict, where: str) -> ParallelSizes:
     target = (plan_options or {}).get("target")
     if not isinstance(target, dict):
@@ -138,8 +144,8 @@ def read_rank_plan(path: str, r: RankFile, kw: dict) -> tuple[Plan, OutputFile]:
         raise PlanError(f"{path}: not valid JSON ({exc}).") from None
     try:
         options = obj.get("options") or {}
-        if obj.get("kind") != "hf2mcore":
-            raise PlanError(f"{path}: a {obj.get('kind')!r} plan; a training job loads ranks of an hf2mcore plan.")
+        if obj.get("kind") not in RANK_PLAN_KINDS:
+            raise PlanError(f"{path}: a {obj.get('kind')!r} plan; {LOADS_RANKS}.")
         sizes = plan_sizes(options, path)
         check_rank_index(sizes, r.tp_rank, r.pp_rank, r.ep_rank, path)
         want = rank_dir(r, sizes)
@@ -171,8 +177,8 @@ def read_rank_plan(path: str, r: RankFile, kw: dict) -> tuple[Plan, OutputFile]:
 
 def rank_of_plan(plan: Plan, r: RankFile, kw: dict, where: str = "plan") -> tuple[Plan, OutputFile]:
     """An in-memory plan cut down to rank ``r``'s file."""
-    if plan.kind != "hf2mcore":
-        raise PlanError(f"{where}: a {plan.kind!r} plan; a training job loads ranks of an hf2mcore plan.")
+    if plan.kind not in RANK_PLAN_KINDS:
+        raise PlanError(f"{where}: a {plan.kind!r} plan; {LOADS_RANKS}.")
     sizes = plan_sizes(plan.options, where)
     check_rank_index(sizes, r.tp_rank, r.pp_rank, r.ep_rank, where)
     check_plan_layout(plan, kw, where)

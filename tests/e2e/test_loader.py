@@ -177,6 +177,27 @@ def test_same_object_as_the_converters_file_key_order_included(tiny_hf, tmp_path
         assert_same_checkpoint({rel: load_rank(plan, rel)}, {rel: written[rel]}, check_order=True)
 
 
+def test_ranks_of_an_mcore2mcore_plan_are_its_files(tiny_hf, tmp_path):
+    """A training job in a new layout loads its rank straight from the old checkpoint: open_rank of a saved
+    mcore2mcore plan gives, key for key and byte for byte, the rank file that plan writes."""
+    from streamconv.plan.mcore2mcore import plan_mcore_to_mcore
+
+    a = str(tmp_path / "a")
+    run_plan(plan_for(tiny_hf["fp8"], a, dict(tp=2, ep=2, gg=True, mtp=1)), RunOptions())
+    plan = plan_mcore_to_mcore(a, str(tmp_path / "b"), ParallelSizes(2, 1, 2),
+                               McoreOptions(moe_grouped_gemm=True, mtp_num_layers=1), ParallelSizes(1, 2, 2),
+                               McoreOptions(mtp_num_layers=1, vpp_layers=1))
+    plan.save(str(tmp_path / "reshard.json"))
+    run_plan(plan, RunOptions(band_bytes=8192, max_memory=8 << 20))
+    written = load_mcore_dir(str(tmp_path / "b"))
+    assert len(rank_paths(plan)) == 4
+    for rel in rank_paths(plan):
+        t, p, e = rank_of(rel, 2, 2)
+        got = open_rank(str(tmp_path / "reshard.json"), tp_rank=t, pp_rank=p, ep_rank=e,
+                        target_pipeline_parallel_size=2).state_dict()
+        assert_same_checkpoint({rel: got}, {rel: written[rel]}, check_order=True)
+
+
 def test_stream_yields_complete_tensors_in_file_order(tiny_hf, tmp_path):
     plan = plan_for(tiny_hf["fp8"], str(tmp_path / "x"), dict(tp=2, ep=2, gg=True, mtp=1))
     rank = open_rank(plan, tp_rank=1, ep_rank=1)
@@ -357,7 +378,7 @@ def test_stale_plan_and_moved_sources(tiny_hf, tmp_path, reads):
 def test_plans_that_are_not_hf2mcore_or_malformed(tmp_path, tiny_hf):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps({"schema_version": 1, "kind": "mcore2hf"}))
-    with pytest.raises(PlanError, match="a training job loads ranks of an hf2mcore plan"):
+    with pytest.raises(PlanError, match="a training job loads ranks of an hf2mcore or mcore2mcore plan"):
         open_rank(str(p))
     p.write_text("{")
     with pytest.raises(PlanError, match="not valid JSON"):

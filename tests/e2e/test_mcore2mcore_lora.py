@@ -96,6 +96,28 @@ def test_reshard_carries_the_adapter(tiny_hf, tmp_path, source, source_targets, 
     assert_same_ranks(str(tmp_path / "out"), want)
 
 
+def test_training_loads_the_resharded_adapter_without_the_files(tiny_hf, tmp_path):
+    """open_rank of the saved LoRA reshard plan: each rank's base and factors, byte for byte the rank file the
+    plan writes (a job in the new layout loads straight from the old checkpoint)."""
+    from streamconv.loader import open_rank, rank_paths
+
+    hf_dir = tiny_hf["bf16"]
+    _, hf = load_hf(hf_dir)
+    factors = L.make_factors(hf, ALL)
+    source, target = dict(tp=2, ep=2, moe_grouped_gemm=True, mtp_num_layers=1), dict(tp=1, ep=2, mtp_num_layers=1)
+    src = type1(hf_dir, tmp_path / "a", source, factors, ALL)
+    plan = reshard(src, str(tmp_path / "out"), source, target, hf_dir)
+    plan.save(str(tmp_path / "reshard.json"))
+    written = rank_files(str(tmp_path / "out"))
+    for rel in rank_paths(plan):
+        ep = int(rel.split("/")[1].split("_")[-1])
+        got = open_rank(str(tmp_path / "reshard.json"), ep_rank=ep).state_dict()
+        assert any(".lora_A.default.weight" in k for k in got["model"])
+        for key, t in written[rel]["model"].items():
+            assert torch.equal(got["model"][key].view(-1).view(torch.uint8), t.view(-1).view(torch.uint8)), key
+        assert list(got["model"]) == list(written[rel]["model"])
+
+
 def test_other_spellings_come_out_in_pefts(tiny_hf, tmp_path):
     """A source with the lower-case lora_a/lora_b spelling and Transformer Engine _extra_state entries: the
     output holds PEFT's names (lora_A.default / lora_B.default) and no _extra_state, as hf2mcore writes none."""
