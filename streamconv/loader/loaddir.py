@@ -66,8 +66,8 @@ def prepare_load(save_dir: str, *, plan: str | None = None, hf_dir: str | None =
                  options: LoadOptions = LoadOptions(), overwrite: bool = False) -> LoadDir:
     """Check the source (every rank's graphs are planned, the sources are unchanged) and write ``save_dir``.
 
-    Exactly one of ``plan`` (a saved hf2mcore or mcore2mcore plan) and ``hf_dir`` (with ``layout``: keywords named after the CLI
-    flags, see :data:`streamconv.loader.LAYOUT_KEYWORDS`)."""
+    Exactly one of ``plan`` (a saved hf2mcore or mcore2mcore plan) and ``hf_dir`` (with ``layout``: keywords named
+    after the CLI flags, see :data:`streamconv.loader.LAYOUT_KEYWORDS`)."""
     if (plan is None) == (hf_dir is None):
         raise ValidationError("prepare-load: give a plan, or --load-dir with the layout flags (not both).")
     _check_target(save_dir, overwrite)
