@@ -13,10 +13,12 @@ LAYOUT_DESTS = ("target_tensor_parallel_size", "target_pipeline_parallel_size", 
 def register(sub) -> None:
     p = sub.add_parser("prepare-load", help="write a load directory (tracker + description, no weights) from which "
                                             "every training rank materialises its own tensors")
-    p.add_argument("plan", nargs="?", help="an hf2mcore or mcore2mcore plan JSON (or give --load-dir and the layout flags)")
+    p.add_argument("plan", nargs="?",
+                   help="an hf2mcore or mcore2mcore plan JSON (or give --load-dir and the layout flags)")
     p.add_argument("--save-dir", required=True, help="the directory to pass to training as --load")
-    p.add_argument("--load-dir", default=None, metavar="HF_DIR",
-                   help="an HF checkpoint directory instead of a plan: each rank plans only itself at start-up")
+    p.add_argument("--load-dir", default=None, metavar="DIR",
+                   help="an HF checkpoint directory (or zarr store), or an mcore checkpoint streamconv wrote "
+                        "(resharded on load), instead of a plan: each rank plans only itself at start-up")
     p.add_argument("--target-tensor-parallel-size", type=int, default=None, metavar="TP")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=None, metavar="PP")
     p.add_argument("--target-expert-parallel-size", type=int, default=None, metavar="EP")
@@ -48,7 +50,7 @@ def cmd_prepare_load(args) -> int:
     if "num_layer_list" in layout:
         layout["num_layer_list"] = list(layout["num_layer_list"])
     if args.plan is None and args.load_dir is None:
-        raise ValidationError("prepare-load: give a plan JSON, or --load-dir HF_DIR with the layout flags.")
+        raise ValidationError("prepare-load: give a plan JSON, or --load-dir DIR with the layout flags.")
     options = LoadOptions(device=args.device, dequant_on=args.dequant_on, method=args.dequant_method,
                           workers=args.workers, max_memory=args.max_memory)
     desc = prepare_load(args.save_dir, plan=args.plan, hf_dir=args.load_dir, layout=layout, options=options,

@@ -25,8 +25,8 @@ from ..errors import ValidationError
 from ..layout.parallel import RankFile
 from ..plan.plan import Plan
 from .rank import LoadOptions, MismatchError, RankSource, TensorSpec
-from .source import (LAYOUT_KEYWORDS, check_sources, file_of_path, is_hf_dir, plan_rank_from_hf, rank_of_plan,
-                     read_rank_plan, restrict_sources)
+from .source import (LAYOUT_KEYWORDS, check_sources, file_of_path, is_hf_dir, is_mcore_dir, plan_rank_from_hf,
+                     plan_rank_from_mcore, rank_of_plan, read_rank_plan, restrict_sources)
 
 __all__ = ["open_rank", "RankSource", "TensorSpec", "LoadOptions", "MismatchError", "load_rank", "rank_paths",
            "LAYOUT_KEYWORDS"]
@@ -37,7 +37,9 @@ def open_rank(source, *, tp_rank: int = 0, pp_rank: int = 0, ep_rank: int = 0, s
     """The rank ``(tp_rank, pp_rank, ep_rank)`` of ``source``, checked and ready to load; nothing read yet.
 
     Args:
-        source: a saved plan's path, a :class:`~streamconv.plan.Plan`, or an HF checkpoint directory.
+        source: a saved plan's path (hf2mcore or mcore2mcore), a :class:`~streamconv.plan.Plan`, an HF checkpoint
+            directory (or a zarr store of one), or an mcore checkpoint streamconv wrote (its record gives the
+            source layout; the keywords give the target: the rank is resharded on load).
         tp_rank, pp_rank, ep_rank: the rank, as Megatron numbers them.
         source_root: where the plan's source files are now, when they moved since it was made.
         **layout: keywords named after the CLI flags (``target_tensor_parallel_size=2``,
@@ -53,12 +55,14 @@ def open_rank(source, *, tp_rank: int = 0, pp_rank: int = 0, ep_rank: int = 0, s
     r = RankFile(tp_rank, pp_rank, ep_rank)
     if isinstance(source, Plan):
         plan, f = rank_of_plan(source, r, layout)
+    elif is_mcore_dir(source):
+        plan, f = plan_rank_from_mcore(os.fspath(source), r, layout)
     elif is_hf_dir(source):
         plan, f = plan_rank_from_hf(os.fspath(source), r, layout)
     elif isinstance(source, (str, os.PathLike)):
         plan, f = read_rank_plan(os.fspath(source), r, layout)
     else:
-        raise ValidationError(f"open_rank: source must be a plan path, a Plan or an HF checkpoint directory, "
+        raise ValidationError(f"open_rank: source must be a plan path, a Plan, or an HF or mcore checkpoint directory, "
                               f"got {type(source).__name__}.")
     plan = restrict_sources(plan, f, source_root)
     check_sources(plan)

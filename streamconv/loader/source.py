@@ -201,6 +201,38 @@ def is_hf_dir(source) -> bool:
     return isinstance(source, (str, os.PathLike)) and os.path.isdir(source)
 
 
+def is_mcore_dir(source) -> bool:
+    """An mcore checkpoint (its tracker file is there); an HF directory or a zarr store never has one."""
+    from ..plan.planner import TRACKER
+
+    return is_hf_dir(source) and os.path.isfile(os.path.join(source, TRACKER))
+
+
+def plan_rank_from_mcore(load_dir: str, r: RankFile, kw: dict) -> tuple[Plan, OutputFile]:
+    """Plan target rank ``r`` (the layout in ``kw``) straight from an mcore checkpoint streamconv wrote, whose
+    record gives the source layout: the mcore2mcore planner, this rank only (its rank files' headers read)."""
+    from ..plan.mcore2hf import RECORD, read_record  # the one place model tables meet storage
+    from ..plan.mcore2mcore import plan_mcore_to_mcore
+
+    layout = read_record(load_dir).get("layout")
+    if not isinstance(layout, dict) or not isinstance(layout.get("sizes"), dict):
+        raise ValidationError(f"{load_dir}: an mcore checkpoint without streamconv's record ({RECORD}), so its "
+                              f"layout is unknown here. Save a reshard plan with its layout flags (streamconv plan "
+                              f"mcore2mcore --load-dir {load_dir} --source-... -o reshard.json) and open that.")
+    try:
+        src_sizes = ParallelSizes(**{k: int(layout["sizes"].get(k, 1)) for k in ("tp", "pp", "ep")})
+        src_options = McoreOptions(**{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in (layout.get("options") or {}).items()})
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"{os.path.join(load_dir, RECORD)}: not a layout this streamconv reads ({exc}). "
+                              f"Save a reshard plan with the layout flags and open that.") from None
+    sizes, options, planner = layout_from_keywords(kw)
+    check_rank_index(sizes, r.tp_rank, r.pp_rank, r.ep_rank, str(load_dir))
+    plan = plan_mcore_to_mcore(str(load_dir), os.path.join(str(load_dir), "(loaded in memory)"), src_sizes,
+                               src_options, sizes, options, ranks={r}, **planner)
+    return dataclasses.replace(plan, checks=()), rank_file_of(plan, r, sizes, str(load_dir))
+
+
 def plan_rank_from_hf(load_dir: str, r: RankFile, kw: dict) -> tuple[Plan, OutputFile]:
     """Plan rank ``r`` straight from an HF checkpoint directory (headers, index and config.json only): the
     planner validates the source and the layout as for a conversion, and builds this rank's graphs only."""

@@ -147,15 +147,20 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
                         target_sizes: ParallelSizes, target_options: McoreOptions, *,
                         hf_config_dir: str | None = None, iteration: str | None = None,
                         model_type_hf: str | None = None, save_args: bool = False,
-                        verify_replicas: bool | None = None, lora_load: str | None = None) -> Plan:
+                        verify_replicas: bool | None = None, lora_load: str | None = None, ranks=None) -> Plan:
     """Compile an mcore -> mcore resharding plan: ``sizes``/``options`` describe the source checkpoint at
     ``load_dir`` (as mcore2hf takes them), ``target_sizes``/``target_options`` the output (as hf2mcore takes
     them).  The model comes from the record streamconv left next to the tracker, or from ``hf_config_dir``.
 
     ``lora_load``: a LoRA-only checkpoint (``--lora-ckpt-filter``) of the base at ``load_dir``: the output is that
     adapter resharded, LoRA-only as well (what training would have saved in the target layout); the base's
-    headers give the layout, its weights are not read."""
-    check_disjoint(save_dir, [("--load-dir", load_dir), ("--hf-config", hf_config_dir), ("--lora-load", lora_load)])
+    headers give the layout, its weights are not read.
+
+    ``ranks``: plan only these target rank files, as ``plan_hf_to_mcore`` does for the training-time loader (no
+    record, no tracker, no coverage check: that is a property of all ranks together)."""
+    if ranks is None:  # a partial plan is the loader's, held in memory
+        check_disjoint(save_dir, [("--load-dir", load_dir), ("--hf-config", hf_config_dir),
+                                  ("--lora-load", lora_load)])
     origin = _config_origin(load_dir, hf_config_dir)
     cfg_json = _hf_config(load_dir, hf_config_dir)
     spec = model_for_config(cfg_json, origin, model_type_hf=model_type_hf)
@@ -176,8 +181,8 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
                                                                     "(saved with --lora-ckpt-filter) of this base.")
         # bases by their layout names (a wrapped one is X.base_layer.weight; NF4 decoded, though never run
         # when only the adapter is written)
-        ranks = MergedRanks(lora.inv, None, None, expected, "npu")
-        base, stored = ranks.base, ranks.stored
+        named = MergedRanks(lora.inv, None, None, expected, "npu")
+        base, stored = named.base, named.stored
     hf = HFView(build_hf_tensors(spec, cfg, sizes, options, _Stored(base)))
 
     # The model as the intermediate HF checkpoint would describe it (its config.json, as mcore2hf writes it:
@@ -185,12 +190,12 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
     _, fields = output_config(spec, cfg, sizes, options)
     out_json = json.loads(_output_config(spec, cfg_json, fields, False))
     out_cfg = spec.parse_config(out_json, origin)
-    per_rank = build_rank_tensors(spec, out_cfg, target_sizes, target_options, hf, lora=lora)
-    leftover = hf.unaccounted()
+    per_rank = build_rank_tensors(spec, out_cfg, target_sizes, target_options, hf, ranks, lora=lora)
+    leftover = hf.unaccounted() if ranks is None else []
     if leftover:
         raise ValidationError([f"{n}: held by the source but consumed by no target file and not declared dropped. "
                                f"This is a bug in the model table; please report it." for n in leftover])
-    if lora is not None:   # an adapter goes where its weight goes: placed, or dropped with it
+    if lora is not None and ranks is None:   # an adapter goes where its weight goes: placed, or dropped with it
         for name in sorted(set(lora.pairs) - lora.used):
             if name not in hf.dropped:
                 raise ValidationError(f"{name}: its LoRA factors were placed nowhere though the weight was. This "
@@ -204,7 +209,12 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
     else:   # the adapter alone: no base weight is written, or read; its copies are small, so checked by default
         per_rank = {r: [t for t in tensors if is_lora_key(t.name)] for r, tensors in per_rank.items()}
         checks = None if verify_replicas is False else _factor_checks(lora.inv, replicas) + lora.checks
-    files = mcore_files(spec, out_cfg, out_json, target_sizes, target_options, per_rank, save_args=save_args)
+    files = mcore_files(spec, out_cfg, out_json, target_sizes, target_options, per_rank, save_args=save_args,
+                        partial=ranks is not None)
+    planned = {"source": asdict(sizes), "source_model": asdict(options), "target": asdict(target_sizes),
+               "model": asdict(target_options), "iteration": src.iteration, "model_type": spec.name}
+    if ranks is not None:
+        planned["ranks"] = sorted([r.tp_rank, r.pp_rank, r.ep_rank] for r in per_rank)
     return Plan(
         kind="mcore2mcore",
         source_root=lora_load or load_dir,
@@ -212,8 +222,6 @@ def plan_mcore_to_mcore(load_dir: str, save_dir: str, sizes: ParallelSizes, opti
         target_root=save_dir,
         files=tuple(files),
         dropped=tuple(Dropped(n, r) for n, r in sorted(hf.dropped.items())),
-        options=json.loads(json.dumps({"source": asdict(sizes), "source_model": asdict(options),
-                                       "target": asdict(target_sizes), "model": asdict(target_options),
-                                       "iteration": src.iteration, "model_type": spec.name})),
+        options=json.loads(json.dumps(planned)),
         checks=tuple(checks or ()),
     )

@@ -179,7 +179,8 @@ def test_same_object_as_the_converters_file_key_order_included(tiny_hf, tmp_path
 
 def test_ranks_of_an_mcore2mcore_plan_are_its_files(tiny_hf, tmp_path):
     """A training job in a new layout loads its rank straight from the old checkpoint: open_rank of a saved
-    mcore2mcore plan gives, key for key and byte for byte, the rank file that plan writes."""
+    mcore2mcore plan, or of the old checkpoint's directory with the new layout's keywords (its record gives the
+    old layout; only this rank is planned), gives key for key and byte for byte the rank file the plan writes."""
     from streamconv.plan.mcore2mcore import plan_mcore_to_mcore
 
     a = str(tmp_path / "a")
@@ -196,6 +197,14 @@ def test_ranks_of_an_mcore2mcore_plan_are_its_files(tiny_hf, tmp_path):
         got = open_rank(str(tmp_path / "reshard.json"), tp_rank=t, pp_rank=p, ep_rank=e,
                         target_pipeline_parallel_size=2).state_dict()
         assert_same_checkpoint({rel: got}, {rel: written[rel]}, check_order=True)
+        rank = open_rank(a, tp_rank=t, pp_rank=p, ep_rank=e, target_pipeline_parallel_size=2,
+                         target_expert_parallel_size=2, mtp_num_layers=1, num_layers_per_virtual_pipeline_stage=1)
+        assert len(rank.plan.files) == 1 and rank.plan.options["ranks"] == [[t, p, e]]
+        assert_same_checkpoint({rel: rank.state_dict()}, {rel: written[rel]}, check_order=True)
+    # a checkpoint another tool wrote (no record): one error saying what to do, before any read
+    os.remove(os.path.join(a, "streamconv_source.json"))
+    with pytest.raises(ValidationError, match="without streamconv's record .* Save a reshard plan"):
+        open_rank(a, target_pipeline_parallel_size=2)
 
 
 def test_stream_yields_complete_tensors_in_file_order(tiny_hf, tmp_path):

@@ -74,9 +74,9 @@ def megatron_args(load, **over):
 
 @pytest.fixture(scope="module")
 def prepared(tiny_hf, tmp_path_factory):
-    """A saved plan, a load dir prepared from it, one prepared from the HF dir, one prepared from an mcore2mcore
-    plan resharding a TP 1 PP 1 EP 1 checkpoint into the same layout (all with the CLI), and the reference rank
-    files."""
+    """A saved plan, a load dir prepared from it, one prepared from the HF dir, one from an mcore2mcore plan
+    resharding a TP 1 PP 1 EP 1 checkpoint into the same layout and one from that checkpoint's directory (all
+    with the CLI), and the reference rank files."""
     root = tmp_path_factory.mktemp("hook")
     plan = plan_for(tiny_hf["fp8"], str(root / "never"), CASE)
     plan.save(str(root / "plan.json"))
@@ -92,6 +92,10 @@ def prepared(tiny_hf, tmp_path_factory):
                 "--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--mtp-num-layers", "1",
                 "--num-layers-per-virtual-pipeline-stage", "1", "-o", str(root / "reshard.json")]) == 0
     assert cli(["prepare-load", str(root / "reshard.json"), "--save-dir", str(root / "from-mcore2mcore")]) == 0
+    assert cli(["prepare-load", "--load-dir", str(root / "mcore-tp1"), "--save-dir", str(root / "from-mcore-dir"),
+                "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+                "--target-expert-parallel-size", "2", "--moe-grouped-gemm", "--mtp-num-layers", "1",
+                "--num-layers-per-virtual-pipeline-stage", "1"]) == 0
     want = {rel: sd for rel, sd in reference_hf_to_mcore(tiny_hf["fp8"], tp=2, pp=2, ep=2, moe_grouped_gemm=True,
                                                         mtp_num_layers=1, vpp_layers=1).items()
             if rel.endswith(".pt")}
@@ -102,7 +106,7 @@ def filled(models) -> list[OrderedDict]:
     return [OrderedDict((k, v.detach().clone()) for k, v in m.state_dict().items()) for m in models]
 
 
-@pytest.mark.parametrize("which", ["from-plan", "from-hf", "from-mcore2mcore"])
+@pytest.mark.parametrize("which", ["from-plan", "from-hf", "from-mcore2mcore", "from-mcore-dir"])
 def test_load_checkpoint_fills_every_rank(ckpt, parallel_state, prepared, which):
     root, want = prepared
     load = str(root / which)
