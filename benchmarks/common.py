@@ -12,6 +12,11 @@ import time
 MiB = 1 << 20
 
 
+def files_under(root: str, suffix: str) -> list[str]:
+    """Every file below ``root`` whose name ends with ``suffix`` (``".pt"``: an mcore checkpoint's rank files)."""
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(suffix))
+
+
 def drop_caches() -> bool:
     """Flush dirty pages and drop the page cache (needs root); returns whether it worked.
 

@@ -70,6 +70,16 @@ def checkpoint(work: str, size: int, fp8: bool, smoke: bool) -> str:
     return out
 
 
+def converted_once(hf: str, out: str, flags: list[str]) -> str:
+    """``out``: ``hf`` converted by ``streamconv convert hf2mcore`` with ``flags``, kept while its tracker is
+    there (the source of the mcore -> X benchmarks)."""
+    if not os.path.exists(os.path.join(out, "latest_checkpointed_iteration.txt")):
+        shutil.rmtree(out, ignore_errors=True)
+        run_measured([sys.executable, "-m", "streamconv", "convert", "hf2mcore", "--load-dir", hf, "--save-dir", out,
+                      *flags, "--no-progress"])
+    return out
+
+
 def run_scenario(sc: Scenario, hf: str, work: str, max_memory: str) -> dict:
     out = os.path.join(work, "mcore")
     shutil.rmtree(out, ignore_errors=True)

@@ -9,7 +9,6 @@ Writes ``bench-out/hf2mcore-<size>-<fmt>.json``.  Not part of CI (too slow); tes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -18,19 +17,7 @@ from streamconv import synth
 from streamconv.cli.common import parse_size
 
 from .common import dir_bytes, drop_caches, raw_copy_script, run_measured, save_json
-
-
-def ensure_checkpoint(out_dir: str, size: int, fp8: bool) -> str:
-    cfg = synth.synth_for_size(size, fp8=fp8)
-    stamp = os.path.join(out_dir, "synth.json")
-    want = json.dumps({"size": size, "fp8": fp8, "cfg": repr(cfg)})
-    if os.path.exists(stamp) and open(stamp).read() == want:
-        return out_dir
-    shutil.rmtree(out_dir, ignore_errors=True)
-    synth.synth_checkpoint(out_dir, cfg)
-    with open(stamp, "w") as f:
-        f.write(want)
-    return out_dir
+from .harness import checkpoint
 
 
 def main(argv=None) -> int:
@@ -46,7 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     fmt = "fp8" if args.fp8 else "bf16"
-    hf = ensure_checkpoint(os.path.join(args.work_dir, f"hf-{fmt}-{args.size // 10**6}MB"), args.size, args.fp8)
+    hf = checkpoint(args.work_dir, args.size, args.fp8, smoke=False)
     out = os.path.join(args.work_dir, "mcore")
     shutil.rmtree(out, ignore_errors=True)
     inputs = sorted(os.path.join(hf, f) for f in os.listdir(hf) if f.endswith(".safetensors"))

@@ -29,8 +29,8 @@ from streamconv.cli.common import parse_size
 from streamconv.plan.plan import Plan
 from streamconv.storage.megatron_pt import MEGATRON_PT
 
-from .common import dir_bytes, drop_caches, raw_copy_script, run_measured, save_json
-from .hf2mcore import ensure_checkpoint
+from .common import dir_bytes, drop_caches, files_under, raw_copy_script, run_measured, save_json
+from .harness import checkpoint, converted_once
 
 GB = 1e9
 TARGETS = ("linear_qkv", "linear_q_up_proj", "linear_kv_up_proj", "linear_proj", "linear_fc1", "linear_fc2",
@@ -78,10 +78,6 @@ def write_lora(base: str, out: str, r: int, experts: int) -> None:
         f.write(tracker)
 
 
-def _pt_files(root: str) -> list[str]:
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".pt"))
-
-
 def _measure(name: str, plan_cmd: list[str], inputs: list[str], out: str, args, results: dict) -> None:
     shutil.rmtree(out, ignore_errors=True)
     plan_path = os.path.join(args.work_dir, f"lora-{name}-plan.json")
@@ -117,22 +113,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     tag = "smoke" if args.smoke else f"{args.size // 10**6}MB"
-    hf = os.path.join(args.work_dir, f"hf-bf16-{tag}")
-    if args.smoke:
-        from streamconv import synth
-
-        shutil.rmtree(hf, ignore_errors=True)
-        synth.synth_checkpoint(hf, synth.TINY)
-    else:
-        ensure_checkpoint(hf, args.size, False)
+    hf = checkpoint(args.work_dir, args.size, False, args.smoke)
     layout = ["--source-tensor-parallel-size", str(args.tp), "--source-expert-parallel-size", str(args.ep),
               "--moe-grouped-gemm", "--mtp-num-layers", "1"]
-    base = os.path.join(args.work_dir, f"mcore-lora-base-{tag}")
-    if not os.path.exists(os.path.join(base, "latest_checkpointed_iteration.txt")):
-        shutil.rmtree(base, ignore_errors=True)
-        run_measured([sys.executable, "-m", "streamconv", "convert", "hf2mcore", "--load-dir", hf, "--save-dir",
-                      base, "--target-tensor-parallel-size", str(args.tp), "--target-expert-parallel-size",
-                      str(args.ep), "--moe-grouped-gemm", "--mtp-num-layers", "1", "--no-progress"])
+    base = converted_once(hf, os.path.join(args.work_dir, f"mcore-lora-base-{tag}"),
+                          ["--target-tensor-parallel-size", str(args.tp), "--target-expert-parallel-size",
+                           str(args.ep), "--moe-grouped-gemm", "--mtp-num-layers", "1"])
     import json
 
     with open(os.path.join(hf, "config.json")) as f:
@@ -141,15 +127,16 @@ def main(argv=None) -> int:
     write_lora(base, lora, args.rank, experts)
     out = os.path.join(args.work_dir, "lora-out")
     lora_flags = ["--lora-r", str(args.rank), "--lora-alpha", str(2 * args.rank)]
+    base_files, lora_files = files_under(base, ".pt"), files_under(lora, ".pt")
     results = {"size": args.size, "rank": args.rank, "layout": [args.tp, 1, args.ep],
-               "base_bytes": sum(map(os.path.getsize, _pt_files(base))),
-               "adapter_bytes": sum(map(os.path.getsize, _pt_files(lora))), "runs": {}}
+               "base_bytes": sum(map(os.path.getsize, base_files)),
+               "adapter_bytes": sum(map(os.path.getsize, lora_files)), "runs": {}}
     mcore2hf = [sys.executable, "-m", "streamconv", "plan", "mcore2hf", "--save-dir", out, *layout]
     _measure("merge", mcore2hf + ["--load-dir", base, "--lora-load", lora, *lora_flags, "--no-verify-replicas"],
-             _pt_files(base) + _pt_files(lora), out, args, results)
-    _measure("plain", mcore2hf + ["--load-dir", base, "--no-verify-replicas"], _pt_files(base), out, args, results)
+             base_files + lora_files, out, args, results)
+    _measure("plain", mcore2hf + ["--load-dir", base, "--no-verify-replicas"], base_files, out, args, results)
     _measure("export", mcore2hf + ["--load-dir", lora, "--hf-config", hf, "--save-lora-to-hf", *lora_flags],
-             _pt_files(lora), out, args, results)
+             lora_files, out, args, results)
     save_json(os.path.join(args.work_dir, f"lora-{tag}.json"), results)
     return 0
 

@@ -17,8 +17,8 @@ import sys
 from streamconv.cli.common import parse_size
 from streamconv.plan.plan import Plan
 
-from .common import dir_bytes, drop_caches, raw_copy_script, run_measured, save_json
-from .hf2mcore import ensure_checkpoint
+from .common import dir_bytes, drop_caches, files_under, raw_copy_script, run_measured, save_json
+from .harness import checkpoint, converted_once
 
 GB = 1e9
 
@@ -37,22 +37,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     tag = "smoke" if args.smoke else f"{args.size // 10**6}MB"
-    hf = os.path.join(args.work_dir, f"hf-bf16-{tag}")
-    if args.smoke:
-        from streamconv import synth
-
-        shutil.rmtree(hf, ignore_errors=True)
-        synth.synth_checkpoint(hf, synth.TINY)
-    else:
-        ensure_checkpoint(hf, args.size, False)
-    mcore = os.path.join(args.work_dir, f"mcore-{tag}")
+    hf = checkpoint(args.work_dir, args.size, False, args.smoke)
     layout = ["--moe-grouped-gemm", "--mtp-num-layers", "1"]
-    if not os.path.exists(os.path.join(mcore, "latest_checkpointed_iteration.txt")):
-        shutil.rmtree(mcore, ignore_errors=True)
-        run_measured([sys.executable, "-m", "streamconv", "convert", "hf2mcore", "--load-dir", hf, "--save-dir",
-                      mcore, "--target-tensor-parallel-size", str(args.tp), "--target-pipeline-parallel-size",
-                      str(args.pp), "--target-expert-parallel-size", str(args.ep), *layout, "--no-progress"])
-    inputs = sorted(os.path.join(d, f) for d, _, fs in os.walk(mcore) for f in fs if f.endswith(".pt"))
+    mcore = converted_once(hf, os.path.join(args.work_dir, f"mcore-{tag}"),
+                           ["--target-tensor-parallel-size", str(args.tp), "--target-pipeline-parallel-size",
+                            str(args.pp), "--target-expert-parallel-size", str(args.ep), *layout])
+    inputs = files_under(mcore, ".pt")
     in_bytes = sum(os.path.getsize(p) for p in inputs)
     out = os.path.join(args.work_dir, "hf-out")
     results = {"size": args.size, "input_bytes": in_bytes, "layout": [args.tp, args.pp, args.ep], "runs": {}}

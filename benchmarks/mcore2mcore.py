@@ -16,12 +16,11 @@ import os
 import shutil
 import sys
 
-from streamconv import synth
 from streamconv.cli.common import parse_size
 from streamconv.plan.plan import Plan
 
-from .common import dir_bytes, drop_caches, raw_copy_script, run_measured, save_json
-from .hf2mcore import ensure_checkpoint
+from .common import dir_bytes, drop_caches, files_under, raw_copy_script, run_measured, save_json
+from .harness import checkpoint, converted_once
 
 GB = 1e9
 SOURCE = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
@@ -45,18 +44,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     tag = "smoke" if args.smoke else f"{args.size // 10**6}MB"
-    hf = os.path.join(args.work_dir, f"hf-bf16-{tag}")
-    if args.smoke:
-        shutil.rmtree(hf, ignore_errors=True)
-        synth.synth_checkpoint(hf, synth.TINY)
-    else:
-        ensure_checkpoint(hf, args.size, False)
+    hf = checkpoint(args.work_dir, args.size, False, args.smoke)
     sc = [sys.executable, "-m", "streamconv"]
-    source = os.path.join(args.work_dir, f"mcore-src-{tag}")
-    if not os.path.exists(os.path.join(source, "latest_checkpointed_iteration.txt")):
-        shutil.rmtree(source, ignore_errors=True)
-        run_measured(sc + ["convert", "hf2mcore", "--load-dir", hf, "--save-dir", source, "--no-progress"] + SOURCE)
-    inputs = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs if f.endswith(".pt"))
+    source = converted_once(hf, os.path.join(args.work_dir, f"mcore-src-{tag}"), SOURCE)
+    inputs = files_under(source, ".pt")
     in_bytes = sum(os.path.getsize(p) for p in inputs)
     out, mid, out2 = (os.path.join(args.work_dir, n) for n in ("mcore-out", "hf-mid", "mcore-out2"))
     run = ["--no-progress", "--workers", str(args.workers), "--max-memory", args.max_memory]

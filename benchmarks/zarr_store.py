@@ -23,14 +23,13 @@ import os
 import shutil
 import sys
 
-from streamconv import synth
 from streamconv.cli.common import parse_size
 from streamconv.plan.plan import Plan
 from streamconv.plan.sources import HFSource
 from streamconv.plan.zarr_plans import hf_files, layout_of_source
 
 from .common import dir_bytes, drop_caches, raw_copy_script, run_measured, save_json
-from .hf2mcore import ensure_checkpoint
+from .harness import checkpoint
 
 GB = 1e9
 
@@ -87,7 +86,8 @@ def compressibility(work_dir: str, levels: tuple[int, ...] = (1, 3)) -> dict:
                 start = time.perf_counter()
                 stored = sum(len(codec.encode(c, t.element_size())) for c in chunks)
                 seconds = time.perf_counter() - start
-                out[f"{kind} {name} {level}"] = {"stored_over_raw": stored / total, "encode_mb_s": total / seconds / 1e6}
+                out[f"{kind} {name} {level}"] = {"stored_over_raw": stored / total,
+                                                 "encode_mb_s": total / seconds / 1e6}
                 print(f"{kind:15s} {name:5s} level {level}: stored / raw = {stored / total:.3f}, encode "
                       f"{total / seconds / 1e6:5.0f} MB/s (one thread)", flush=True)
     os.makedirs(work_dir, exist_ok=True)
@@ -115,12 +115,7 @@ def main(argv=None) -> int:
 
     fmt = "fp8" if args.fp8 else "bf16"
     tag = "smoke" if args.smoke else f"{args.size // 10**6}MB"
-    hf = os.path.join(args.work_dir, f"hf-{fmt}-{tag}")
-    if args.smoke:
-        shutil.rmtree(hf, ignore_errors=True)
-        synth.synth_checkpoint(hf, synth.TINY.__class__(**{**synth.TINY.__dict__, "fp8": args.fp8}))
-    else:
-        ensure_checkpoint(hf, args.size, args.fp8)
+    hf = checkpoint(args.work_dir, args.size, args.fp8, args.smoke)
     with open(os.path.join(hf, "config.json")) as f:
         mtp = str(min(1, json.load(f).get("num_nextn_predict_layers", 0)))
     inputs = sorted(os.path.join(hf, f) for f in os.listdir(hf) if f.endswith(".safetensors"))
