@@ -83,15 +83,23 @@ def default_method(dev: torch.device) -> str:
     return "cast" if dev.type == "cuda" else "table"
 
 
+def _output(w: torch.Tensor, scale: torch.Tensor, block, origin, dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """The decode's destination on ``device``; the scale grid is checked against ``w`` unless it is empty."""
+    out = torch.empty(tuple(w.shape), dtype=dtype, device=device)
+    if out.numel():
+        _check_scale(w, scale, block, origin)
+    return out
+
+
 def decode_fp8_table(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int], origin: tuple[int, int],
                      dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Dequantize host fp8 ``w`` with host float32 block scales on ``device`` by a table gather (see the
     module docstring); same contract as :func:`streamconv.execute.dequant.dequant_fp8_block`."""
-    rows, cols = w.shape
-    out = torch.empty((rows, cols), dtype=dtype, device=device)
-    if rows == 0 or cols == 0:
+    out = _output(w, scale, block, origin, dtype, device)
+    if out.numel() == 0:
         return out
-    _check_scale(w, scale, block, origin)
+    rows, cols = w.shape
     br, bc = block
     r0, c0 = origin
     n_rb, n_cb = (rows - 1 + r0) // br + 1, scale.shape[1]
@@ -114,11 +122,10 @@ def decode_fp8_cast(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, i
     """Dequantize host fp8 ``w`` on ``device`` with the device's own fp8 -> float32 cast, multiply and rounding.
     Where the result is NaN (a NaN code, or a non-finite scale), its bits are the host's: NaN payloads are
     where float implementations differ, so those few elements are taken from the table decode."""
-    rows, cols = w.shape
-    out = torch.empty((rows, cols), dtype=dtype, device=device)
-    if rows == 0 or cols == 0:
+    out = _output(w, scale, block, origin, dtype, device)
+    if out.numel() == 0:
         return out
-    _check_scale(w, scale, block, origin)
+    rows, cols = w.shape
     br, bc = block
     r0, c0 = origin
     codes = w.contiguous().view(torch.uint8).to(device)
