@@ -16,7 +16,7 @@ thread or process may call any function, in any order the protocol allows.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,25 @@ from .. import types
 from ..errors import ExecutionError, ValidationError
 from . import fileio
 from .base import Piece
+
+
+class FlatEntry(NamedTuple):
+    """One tensor of a flat file format (safetensors, a zarr shard): its name, our dtype name and its shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+def flat_entries(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> tuple[FlatEntry, ...]:
+    """``(name, dtype, shape)`` rows as hashable :class:`FlatEntry` rows (layouts are cached by them): numpy
+    integers in a shape (from a header or a size computation) become ints; anything else is left for the
+    format's validation."""
+    return tuple(FlatEntry(n, d, tuple(int(x) if isinstance(x, np.integer) else x for x in s)) for n, d, s in entries)
 
 
 class _Entry(Protocol):

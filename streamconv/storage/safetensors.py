@@ -30,7 +30,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from ..errors import ExecutionError, FormatError, ValidationError
 from . import fileio
 from . import pieces as _pieces
 from .base import FileCheck, FileIndex, IndexEntry, TensorEntry, TensorFormat, row_major_stride
-from .pieces import Piece, tensor_bytes  # noqa: F401  (tensor_bytes: re-exported, readers use it)
+from .pieces import FlatEntry, Piece, flat_entries, tensor_bytes  # noqa: F401  (tensor_bytes: re-exported, readers use it)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # what the reference implementation accepts
 ALIGN = 8
@@ -176,18 +176,6 @@ def bytes_to_tensor(buf: np.ndarray, dtype_name: str, shape: tuple[int, ...]) ->
 
 # --- the write protocol ----------------------------------------------------------------------------------------
 
-class StEntry(NamedTuple):
-    """One tensor of a safetensors file: its name in the header, our dtype name and its shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def label(self) -> str:
-        return self.name
-
-
 @dataclass(frozen=True)
 class SafetensorsLayout:
     """Every byte offset of one safetensors file, fixed before any data is written (:func:`compute_layout`).
@@ -197,7 +185,7 @@ class SafetensorsLayout:
     """
 
     header: bytes = field(repr=False)
-    entries: tuple[StEntry, ...]
+    entries: tuple[FlatEntry, ...]
     metadata: tuple[tuple[str, str], ...]
     spans: tuple[tuple[int, int], ...] = field(repr=False)
     size: int  # of the whole file
@@ -229,14 +217,11 @@ def compute_layout(entries: Iterable[tuple[str, str, Sequence[int]]],
            if type(k) is not str or type(v) is not str]
     if bad:  # before the cache: an unhashable value would fail there with a bare TypeError
         raise ValidationError(bad)
-    # numpy integers (from a header or a size computation) are fine; anything else is left for _validate
-    fixed = tuple(StEntry(n, d, tuple(int(x) if isinstance(x, np.integer) else x for x in s))
-                  for n, d, s in entries)
-    return _layout_cached(fixed, pairs)
+    return _layout_cached(flat_entries(entries), pairs)
 
 
 @functools.lru_cache(maxsize=32)
-def _layout_cached(entries: tuple[StEntry, ...], metadata: tuple[tuple[str, str], ...]) -> SafetensorsLayout:
+def _layout_cached(entries: tuple[FlatEntry, ...], metadata: tuple[tuple[str, str], ...]) -> SafetensorsLayout:
     _validate(entries)
     header: dict = {}
     if metadata:
@@ -256,7 +241,7 @@ def _layout_cached(entries: tuple[StEntry, ...], metadata: tuple[tuple[str, str]
     return SafetensorsLayout(head, entries, metadata, tuple((base + s, base + e) for s, e in rel), base + pos)
 
 
-def _validate(entries: tuple[StEntry, ...]) -> None:
+def _validate(entries: tuple[FlatEntry, ...]) -> None:
     problems = []
     seen: set[str] = set()
     for e in entries:

@@ -32,7 +32,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -50,16 +50,6 @@ _SCALARS = (str, int, float, bool, type(None))
 RESERVED = {"codec": str, "level": int, "stacked": bool}
 
 
-class ShardEntry(NamedTuple):
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def label(self) -> str:
-        return self.name
-
-
 @dataclass(frozen=True)
 class ShardLayout:
     """Every byte of an uncompressed shard (the temporary file's layout when compressed).
@@ -68,7 +58,7 @@ class ShardLayout:
     index order; ``trailer``: the index of the uncompressed file."""
 
     header: bytes = field(repr=False)
-    entries: tuple[ShardEntry, ...]
+    entries: tuple[_pieces.FlatEntry, ...]
     attrs: tuple[tuple[str, object], ...]
     codec: Codec
     stacked: bool
@@ -87,7 +77,7 @@ def compute_layout(entries: Iterable[tuple[str, str, tuple[int, ...]]],
                    attrs: Iterable[tuple[str, object]] = ()) -> ShardLayout:
     """Fix the layout of a shard holding ``entries`` (name, dtype, shape) in this order; raises
     :class:`ValidationError` listing every bad entry or attr."""
-    rows = tuple(ShardEntry(n, d, tuple(int(x) if isinstance(x, np.integer) else x for x in s)) for n, d, s in entries)
+    rows = _pieces.flat_entries(entries)
     pairs = tuple(attrs)
     bad = [f"attr {k!r}: {type(v).__name__} (expected a str key and a JSON scalar value)." for k, v in pairs
            if type(k) is not str or not isinstance(v, _SCALARS)]
@@ -97,7 +87,7 @@ def compute_layout(entries: Iterable[tuple[str, str, tuple[int, ...]]],
 
 
 @functools.lru_cache(maxsize=256)
-def _layout_cached(entries: tuple[ShardEntry, ...], attrs: tuple[tuple[str, object], ...]) -> ShardLayout:
+def _layout_cached(entries: tuple[_pieces.FlatEntry, ...], attrs: tuple[tuple[str, object], ...]) -> ShardLayout:
     problems = []
     seen: set[str] = set()
     for e in entries:
