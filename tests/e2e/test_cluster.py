@@ -167,16 +167,21 @@ def test_hf2mcore_on_a_cluster_is_byte_identical_and_reads_each_byte_once(world,
     assert_same_tree(small, str(tmp_path / "small_ref"))
 
     out = str(tmp_path / "mcore")
-    path = hf2mcore_plan(world, out)
+    read, source = run_counting_reads(cluster, hf2mcore_plan(world, out))
+    assert_same_tree(out, world["mcore"])
+    print(f"workers asked for {sum(read) / source:.3f}x the source's bytes ({read})")
+    assert sum(read) <= 1.2 * source, (read, source)
+    assert all(r > 0.2 * source for r in read), read   # both workers took part
+
+
+def run_counting_reads(cluster, path: str) -> tuple[list[int], int]:
+    """Run the saved plan ``path`` on the cluster: (bytes each worker process read meanwhile, the plan's source
+    bytes)."""
     before = cluster.read_bytes_by_worker()
     rc, err = cli(["run", path, "--scheduler", cluster.address, "--no-progress"])
     read = [a - b for a, b in zip(cluster.read_bytes_by_worker(), before)]
     assert rc == 0, err
-    assert_same_tree(out, world["mcore"])
-    source = sum(s.size for s in Plan.load(path).source_files)
-    print(f"workers asked for {sum(read) / source:.3f}x the source's bytes ({read})")
-    assert sum(read) <= 1.2 * source, (read, source)
-    assert all(r > 0.2 * source for r in read), read   # both workers took part
+    return read, sum(s.size for s in Plan.load(path).source_files)
 
 
 def test_mcore2hf_on_a_cluster_is_byte_identical(world, cluster, tmp_path):
@@ -195,14 +200,9 @@ def test_hf2mcore_from_a_zarr_store_on_a_cluster(world, cluster, tmp_path):
     plan_hf_to_mcore(store, warm, SIZES, OPTIONS).save(warm + ".plan.json")
     assert cli(["run", warm + ".plan.json", "--scheduler", cluster.address, "--no-progress"])[0] == 0
     out = str(tmp_path / "mcore")
-    path = out + ".plan.json"
-    plan_hf_to_mcore(store, out, SIZES, OPTIONS).save(path)
-    before = cluster.read_bytes_by_worker()
-    rc, err = cli(["run", path, "--scheduler", cluster.address, "--no-progress"])
-    read = [a - b for a, b in zip(cluster.read_bytes_by_worker(), before)]
-    assert rc == 0, err
+    plan_hf_to_mcore(store, out, SIZES, OPTIONS).save(out + ".plan.json")
+    read, source = run_counting_reads(cluster, out + ".plan.json")
     assert_same_tree(out, world["mcore"])
-    source = sum(s.size for s in Plan.load(path).source_files)
     print(f"workers asked for {sum(read) / source:.3f}x the store's bytes ({read})")
     assert sum(read) <= 1.2 * source, (read, source)
 
