@@ -19,6 +19,7 @@ import torch
 
 from streamconv.execute.executor import RunOptions, run_plan
 from streamconv.loader import open_rank, rank_paths
+from tests.digest import digest
 from tests.e2e.test_loader import plan_for, rank_of
 
 VERSIONS = ["2.1.2", "2.6.0"]
@@ -48,17 +49,11 @@ def venv_python(version: str) -> str:
 
 
 CHILD = r"""
-import hashlib, json, sys, torch
+import json, sys, torch
 from streamconv.loader import open_rank
+from tests.digest import digest
 job = json.loads(sys.argv[1])
 out = {"torch": torch.__version__}
-def digest(sd):
-    h = hashlib.sha256()
-    for g in sorted(k for k, v in sd.items() if isinstance(v, dict)):
-        for k, t in sd[g].items():
-            h.update(f"{g}.{k}{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 for path in job["files"]:
     for mmap in (False, True):
         out[f"{path} mmap={mmap}"] = digest(torch.load(path, weights_only=True, mmap=mmap, map_location="cpu"))
@@ -68,17 +63,6 @@ for r in job["ranks"]:
                                         .state_dict(dequant_on=how))
 print(json.dumps(out))
 """
-
-
-def digest(sd) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for g in sorted(k for k, v in sd.items() if isinstance(v, dict)):
-        for k, t in sd[g].items():
-            h.update(f"{g}.{k}{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("version", VERSIONS)
