@@ -203,9 +203,11 @@ def is_hf_dir(source) -> bool:
 
 def is_mcore_dir(source) -> bool:
     """An mcore checkpoint (its tracker file is there); an HF directory or a zarr store never has one."""
+    if not is_hf_dir(source):
+        return False   # a plan file: the planner (and the model tables) stay unimported
     from ..plan.planner import TRACKER
 
-    return is_hf_dir(source) and os.path.isfile(os.path.join(source, TRACKER))
+    return os.path.isfile(os.path.join(source, TRACKER))
 
 
 def plan_rank_from_mcore(load_dir: str, r: RankFile, kw: dict) -> tuple[Plan, OutputFile]:

@@ -126,7 +126,8 @@ def is_lora_key(name: str) -> bool:
     return "lora" in name.lower() and not name.endswith("_extra_state")
 
 
-def _kind(key: str) -> str:
+def factor_kind(key: str) -> str:
+    """``weight1``/``weight2`` for a grouped-GEMM stack, else ``linear``."""
     return "weight1" if key.endswith("experts.weight1") else "weight2" if key.endswith("experts.weight2") else "linear"
 
 
@@ -248,7 +249,7 @@ def build_inventory(spec, cfg, sizes, o, expected, main: McoreSource, lora_src: 
         for (g, name), shape in want.items():
             if len(shape) != 2 or name in (EMBEDDING, OUTPUT_LAYER) or module_name(name) not in targets:
                 continue
-            kind = _kind(name)
+            kind = factor_kind(name)
             slot = mine.pop((g, name), {})
             missing = [f for f in "AB" if f not in slot]
             if missing:

@@ -31,8 +31,8 @@ from ..layout.parallel import ParallelSizes
 from ..mapping.assemble import build_hf_tensors, build_rank_tensors, output_config
 from ..mapping.rules import Split
 from ..models import model_for_config
-from .lora import NF4_JSON, Inventory, LoraOptions, MergedRanks, build_inventory, is_lora_key, module_name
-from .lora import parse_factor
+from .lora import (NF4_JSON, Inventory, LoraOptions, MergedRanks, build_inventory, factor_kind, is_lora_key,
+                   module_name, parse_factor)
 from .lora_export import adapter_modules
 from .mcore2hf import _config_origin, _expected_layout, _factor_checks, _hf_config, _output_config, replica_checks
 from .mcore_source import McoreSource
@@ -89,22 +89,19 @@ class CarriedLora:
         return pair
 
 
+# Which dim of a factor is r alone (spec §5.1): linear A [r, in], B [out, r]; GEMM weight1_lora_b [r, n*C],
+# weight2_lora_a [n*F, r] (weight1_lora_a [H, r*n] and weight2_lora_b [r*n, H] mix r with the expert count).
+R_DIM = {("linear", "A"): 0, ("linear", "B"): 1, ("weight1", "B"): 0, ("weight2", "A"): 1}
+
+
 def _lora_rank(src: McoreSource) -> int | None:
-    """Training's r, read off the first LoRA factor of the source (the inventory then checks every other)."""
+    """Training's r, read off the first LoRA factor that shows it alone (the inventory then checks the rest)."""
     for keys in src.tensors.values():
         for (_, name), t in keys.items():
             parsed = parse_factor(name) if is_lora_key(name) else None
-            if parsed is None or len(t.shape) != 2:
-                continue
-            if name.endswith("_lora_a"):        # GEMM weight1_lora_a [H, r*n] / weight2_lora_a [n*F, r]
-                if name.endswith("weight2_lora_a"):
-                    return t.shape[1]
-                continue
-            if name.endswith("_lora_b"):        # weight1_lora_b [r, n*C]; weight2_lora_b [r*n, H]
-                if name.endswith("weight1_lora_b"):
-                    return t.shape[0]
-                continue
-            return t.shape[0] if parsed[1] == "A" else t.shape[1]   # linear A [r, in], B [out, r]
+            dim = R_DIM.get((factor_kind(parsed[0]), parsed[1])) if parsed else None
+            if dim is not None and len(t.shape) == 2:
+                return t.shape[dim]
     return None
 
 
