@@ -201,8 +201,18 @@ def test_ranks_of_an_mcore2mcore_plan_are_its_files(tiny_hf, tmp_path):
                          target_expert_parallel_size=2, mtp_num_layers=1, num_layers_per_virtual_pipeline_stage=1)
         assert len(rank.plan.files) == 1 and rank.plan.options["ranks"] == [[t, p, e]]
         assert_same_checkpoint({rel: rank.state_dict()}, {rel: written[rel]}, check_order=True)
-    # a checkpoint another tool wrote (no record): one error saying what to do, before any read
-    os.remove(os.path.join(a, "streamconv_source.json"))
+    # a record whose layout is not one (wrong types), then none at all (a checkpoint another tool wrote): one
+    # error each saying what to do, before any read
+    record = os.path.join(a, "streamconv_source.json")
+    with open(record) as f:
+        obj = json.load(f)
+    for layout in ({"sizes": {"tp": "two"}}, {"sizes": {}, "options": {"no_such_flag": 1}}, "x"):
+        with open(record, "w") as f:
+            json.dump(dict(obj, layout=layout), f)
+        with pytest.raises(ValidationError, match="streamconv_source.json|without streamconv's record") as info:
+            open_rank(a, target_pipeline_parallel_size=2)
+        assert "\n" not in str(info.value) and "reshard plan" in str(info.value)
+    os.remove(record)
     with pytest.raises(ValidationError, match="without streamconv's record .* Save a reshard plan"):
         open_rank(a, target_pipeline_parallel_size=2)
 

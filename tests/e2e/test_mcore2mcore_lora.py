@@ -252,7 +252,11 @@ def test_lora_load_through_the_cli_and_its_refusals(tiny_hf, tmp_path, capsys):
     assert main(["convert", "mcore2mcore", "--load-dir", base, "--lora-load", other, "--hf-config", hf_dir,
                  "--source-tensor-parallel-size", "2", "--no-progress", "--save-dir", str(tmp_path / "x")]) == 2
     assert main(args + ["--save-dir", os.path.join(lora, "inside")]) == 2
+    # --lora-load naming nothing, or a file
+    for bad in (str(tmp_path / "nowhere"), os.path.join(lora, "latest_checkpointed_iteration.txt")):
+        assert main(["convert", "mcore2mcore", "--load-dir", base, "--lora-load", bad, "--hf-config", hf_dir,
+                     "--source-tensor-parallel-size", "2", "--no-progress", "--save-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(e.startswith("streamconv: error:") for e in err)
-    assert "--lora-load" in err[1]
+    assert len(err) == 4 and all(e.startswith("streamconv: error:") for e in err)
+    assert "--lora-load" in err[1] and "nowhere" in err[2] and "latest_checkpointed_iteration.txt" in err[3]
     assert not (tmp_path / "x").exists() and not os.path.exists(os.path.join(lora, "inside"))
